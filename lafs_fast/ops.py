@@ -1,0 +1,269 @@
+"""Public API of the lafs_fast ops: argument checks, backend choice, autograd and fake kernels.
+
+Backends (``backend=`` or the environment variable LAFS_FAST_BACKEND when ``backend="auto"``):
+  reference  plain PyTorch (lafs_fast.reference): the oracle, and the fallback without _C
+  cpu        C++/OpenMP kernels of lafs_fast._C (CPU tensors)
+  cuda       CUDA kernels of lafs_fast._C (CUDA tensors)
+  triton     Triton kernels (lafs_fast.kernels); on CPU only under TRITON_INTERPRET=1
+  auto       cuda for CUDA tensors, cpu for CPU tensors, reference when _C is missing
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _load_extension():
+    """Import lafs_fast._C; return (loaded, reason). A binary built for another torch refuses."""
+    try:
+        from ._build_info import BUILD_INFO
+    except ImportError:
+        return False, "lafs_fast._C is not built (pip install --no-build-isolation .)"
+    if BUILD_INFO["torch_version"] != torch.__version__:
+        raise ImportError(
+            f"lafs_fast._C was built against torch {BUILD_INFO['torch_version']} but torch "
+            f"{torch.__version__} is installed: rebuild it with `pip install --no-build-isolation .` "
+            "(or `-e .`) in this environment.")
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.lafs_fast.*)
+    except ImportError as e:
+        return False, f"lafs_fast._C failed to import: {e}"
+    return True, "built" + (" with CUDA" if BUILD_INFO["with_cuda"] else " without CUDA")
+
+
+HAS_EXTENSION, EXTENSION_STATUS = _load_extension()
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether torch.ops.lafs_fast.<op> has a kernel for a dispatch key ("CPU", "CUDA")."""
+    if not HAS_EXTENSION:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lafs_fast::{op}", dispatch_key)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def check_patch_inputs(images: Tensor, landmarks: Tensor, index: Optional[Tensor],
+                       patch_size: int, perturb_std: float) -> None:
+    """The one place where user-facing argument errors are raised (every backend calls it)."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got shape "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images)}")
+    if images.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"images must be float32, bfloat16, float16 or float64, got {images.dtype}")
+    B, C, H, W = images.shape
+    if C < 1 or H < 1 or W < 1:
+        raise ValueError(f"images must have C, H, W >= 1, got shape {tuple(images.shape)}")
+    if not isinstance(landmarks, Tensor) or landmarks.dim() != 3 or landmarks.shape[-1] != 2:
+        raise ValueError(f"landmarks must be a (B, N, 2) tensor of (x, y) pixels, got shape "
+                         f"{tuple(landmarks.shape) if isinstance(landmarks, Tensor) else type(landmarks)}")
+    if landmarks.shape[0] != B:
+        raise ValueError(f"landmarks batch {landmarks.shape[0]} != images batch {B}")
+    if not landmarks.is_floating_point():
+        raise ValueError(f"landmarks must be a floating-point tensor, got {landmarks.dtype}")
+    if landmarks.device != images.device:
+        raise ValueError(f"landmarks are on {landmarks.device} but images on {images.device}")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if not (perturb_std >= 0.0) or perturb_std == float("inf"):
+        raise ValueError(f"perturb_std must be finite and >= 0, got {perturb_std!r}")
+    if index is not None:
+        if not isinstance(index, Tensor) or index.dim() != 2 or index.shape[0] != B:
+            raise ValueError(f"index must be a (B, K) = ({B}, K) int64 tensor, got shape "
+                             f"{tuple(index.shape) if isinstance(index, Tensor) else type(index)}")
+        if index.dtype != torch.int64:
+            raise ValueError(f"index must be int64, got {index.dtype}")
+        if index.device != images.device:
+            raise ValueError(f"index is on {index.device} but images on {images.device}")
+        N = landmarks.shape[1]
+        # Data-dependent (a host sync on CUDA); skipped while torch.compile traces.
+        if index.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= N:
+                raise ValueError(f"index values must lie in [0, {N}) (N landmarks), got [{lo}, {hi}]")
+
+
+def check_weight_inputs(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_size: int) -> None:
+    C = images.shape[1]
+    width = patch_size * patch_size * C
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != width:
+        raise ValueError(f"weight must be (D, P*P*C) = (D, {width}) for P={patch_size}, C={C}, got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight)}")
+    if weight.dtype != images.dtype or weight.device != images.device:
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match images "
+                         f"({images.dtype}, {images.device})")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias)}")
+        if bias.dtype != images.dtype or bias.device != images.device:
+            raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match images "
+                             f"({images.dtype}, {images.device})")
+
+
+def resolve_seed(seed: Optional[int], perturb_std: float) -> int:
+    """seed=None draws a fresh one from torch's default (CPU) generator: no device sync."""
+    if seed is None:
+        if perturb_std == 0:
+            return 0
+        return int(torch.randint(0, 2**62, (1,)).item())
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+    return seed
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("LAFS_FAST_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"LAFS_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if not HAS_EXTENSION:
+            _warn_fallback()
+            return "reference"
+        return "cuda" if device.type == "cuda" else "cpu"
+    if backend in ("cpu", "cuda"):
+        if not HAS_EXTENSION:
+            raise RuntimeError(f"backend={backend!r} needs lafs_fast._C: {EXTENSION_STATUS}")
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} got tensors on {device}")
+        if backend == "cuda" and not has_kernel("landmark_patch_embed", "CUDA"):
+            raise RuntimeError("lafs_fast._C was built without CUDA kernels: rebuild with "
+                               "LAFS_FAST_CUDA=1 pip install --no-build-isolation .")
+    return backend
+
+
+_warned = False
+
+
+def _warn_fallback():
+    global _warned
+    if not _warned:
+        warnings.warn(f"lafs_fast: using the slow reference ops ({EXTENSION_STATUS})")
+        _warned = True
+
+
+# ----------------------------------------------------------------------------- public entry points
+def landmark_patch_embed(images: Tensor, landmarks: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                         *, patch_size: int = 8, index: Optional[Tensor] = None, perturb_std: float = 0.0,
+                         seed: Optional[int] = None, backend: str = "auto") -> Tensor:
+    """Tokens (B, K, D): a P x P bilinear patch around every (indexed, perturbed) landmark times
+    ``weight.T`` (+ ``bias``), in one pass. See README "The landmark patch convention".
+
+    images (B, C, H, W) float32/bfloat16/float16 (float64 for gradcheck), any strides;
+    landmarks (B, N, 2) pixel (x, y); weight (D, P*P*C); bias (D,); index (B, K) int64 in [0, N)
+    (repeats allowed), K = N when None; perturb_std: sigma in pixels of the Gaussian noise drawn
+    per (seed, b, k, axis); seed=None draws one from torch's default generator.
+    """
+    check_patch_inputs(images, landmarks, index, patch_size, perturb_std)
+    check_weight_inputs(images, weight, bias, patch_size)
+    seed = resolve_seed(seed, perturb_std)
+    backend = resolve_backend(backend, images.device)
+    if backend == "reference":
+        return reference.landmark_patch_embed(images, landmarks, weight, bias, index, patch_size,
+                                              float(perturb_std), seed)
+    if backend == "triton":
+        from .kernels import landmark_patch_embed as tk
+        return tk.landmark_patch_embed_triton(images, landmarks, weight, bias, index, patch_size,
+                                              float(perturb_std), seed)
+    return torch.ops.lafs_fast.landmark_patch_embed(images, landmarks, weight, bias, index,
+                                                    patch_size, float(perturb_std), seed)
+
+
+def landmark_patches(images: Tensor, landmarks: Tensor, *, patch_size: int = 8,
+                     index: Optional[Tensor] = None, perturb_std: float = 0.0,
+                     seed: Optional[int] = None, backend: str = "auto") -> Tensor:
+    """The sampled patches (B, K, P*P*C) in the token layout (for pictures and tests)."""
+    check_patch_inputs(images, landmarks, index, patch_size, perturb_std)
+    seed = resolve_seed(seed, perturb_std)
+    backend = resolve_backend(backend, images.device)
+    if backend == "reference":
+        return reference.landmark_patches(images, landmarks, index, patch_size, float(perturb_std), seed)
+    if backend == "triton":
+        from .kernels import landmark_patch_embed as tk
+        return tk.landmark_patches_triton(images, landmarks, index, patch_size, float(perturb_std), seed)
+    return torch.ops.lafs_fast.landmark_patches(images, landmarks, index, patch_size,
+                                                float(perturb_std), seed)
+
+
+# ----------------------------------------------------------------------------- autograd + fake
+def _embed_setup_context(ctx, inputs, output):
+    images, landmarks, weight, bias, index, patch_size, perturb_std, seed = inputs
+    ctx.save_for_backward(images, landmarks, weight, index)
+    ctx.args = (patch_size, perturb_std, seed)
+    ctx.has_bias = bias is not None
+
+
+def _embed_backward(ctx, grad_out):
+    images, landmarks, weight, index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2], need[3] and ctx.has_bias]
+    g_img, g_lm, g_w, g_b = torch.ops.lafs_fast.landmark_patch_embed_backward(
+        grad_out.contiguous(), images, landmarks, weight, index, *ctx.args, mask)
+    pick = lambda g, m: g if m else None  # noqa: E731
+    return (pick(g_img, mask[0]), pick(g_lm, mask[1]), pick(g_w, mask[2]), pick(g_b, mask[3]),
+            None, None, None, None)
+
+
+def _patches_setup_context(ctx, inputs, output):
+    images, landmarks, index, patch_size, perturb_std, seed = inputs
+    ctx.save_for_backward(images, landmarks, index)
+    ctx.args = (patch_size, perturb_std, seed)
+
+
+def _patches_backward(ctx, grad_patches):
+    images, landmarks, index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1]]
+    g_img, g_lm = torch.ops.lafs_fast.landmark_patches_backward(
+        grad_patches.contiguous(), images, landmarks, index, *ctx.args, mask)
+    return (g_img if mask[0] else None, g_lm if mask[1] else None, None, None, None, None)
+
+
+def _slots(landmarks, index):
+    return landmarks.shape[1] if index is None else index.shape[1]
+
+
+def _embed_fake(images, landmarks, weight, bias, index, patch_size, perturb_std, seed):
+    return images.new_empty(images.shape[0], _slots(landmarks, index), weight.shape[0])
+
+
+def _embed_backward_fake(grad_out, images, landmarks, weight, index, patch_size, perturb_std, seed,
+                         output_mask):
+    empty = lambda t, m: t.new_empty(t.shape) if m else t.new_empty(0)  # noqa: E731
+    g_b = weight.new_empty(weight.shape[0]) if output_mask[3] else weight.new_empty(0)
+    return (empty(images, output_mask[0]), empty(landmarks, output_mask[1]),
+            empty(weight, output_mask[2]), g_b)
+
+
+def _patches_fake(images, landmarks, index, patch_size, perturb_std, seed):
+    B, C = images.shape[:2]
+    return images.new_empty(B, _slots(landmarks, index), patch_size * patch_size * C)
+
+
+def _patches_backward_fake(grad_patches, images, landmarks, index, patch_size, perturb_std, seed,
+                           output_mask):
+    empty = lambda t, m: t.new_empty(t.shape) if m else t.new_empty(0)  # noqa: E731
+    return empty(images, output_mask[0]), empty(landmarks, output_mask[1])
+
+
+if HAS_EXTENSION:
+    torch.library.register_fake("lafs_fast::landmark_patch_embed")(_embed_fake)
+    torch.library.register_fake("lafs_fast::landmark_patch_embed_backward")(_embed_backward_fake)
+    torch.library.register_fake("lafs_fast::landmark_patches")(_patches_fake)
+    torch.library.register_fake("lafs_fast::landmark_patches_backward")(_patches_backward_fake)
+    torch.library.register_autograd("lafs_fast::landmark_patch_embed", _embed_backward,
+                                    setup_context=_embed_setup_context)
+    torch.library.register_autograd("lafs_fast::landmark_patches", _patches_backward,
+                                    setup_context=_patches_setup_context)

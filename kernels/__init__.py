@@ -1,0 +1,15 @@
+"""Triton kernels of lafs_fast (installed as lafs_fast.kernels). One file per op, each holding
+its @triton.jit kernels, their launchers and the torch op wrapping them (as Liger-Kernel does).
+Triton is optional: nothing here imports it until an op module is imported."""
+import importlib
+
+OP_MODULES = ("landmark_patch_embed",)
+
+
+def compile_all_for_sm90():
+    """Compile every Triton kernel of every op module for Hopper (sm_90) without a GPU."""
+    compiled = {}
+    for name in OP_MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        compiled.update({f"{name}.{k}": v for k, v in module.compile_all_for_sm90().items()})
+    return compiled

@@ -9,6 +9,7 @@ Backends (``backend=`` or the environment variable LAFS_FAST_BACKEND when ``back
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from typing import Optional
@@ -129,10 +130,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"LAFS_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if not HAS_EXTENSION:
-            _warn_fallback()
-            return "reference"
-        return "cuda" if device.type == "cuda" else "cpu"
+        wanted = "cuda" if device.type == "cuda" else "cpu"
+        if has_kernel("landmark_patch_embed", wanted.upper()):
+            return wanted
+        if wanted == "cuda" and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        _warn_fallback(f"no {wanted} kernel ({EXTENSION_STATUS})")
+        return "reference"
     if backend in ("cpu", "cuda"):
         if not HAS_EXTENSION:
             raise RuntimeError(f"backend={backend!r} needs lafs_fast._C: {EXTENSION_STATUS}")
@@ -147,10 +151,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 _warned = False
 
 
-def _warn_fallback():
+def _warn_fallback(why):
     global _warned
     if not _warned:
-        warnings.warn(f"lafs_fast: using the slow reference ops ({EXTENSION_STATUS})")
+        warnings.warn(f"lafs_fast: using the slow reference ops: {why}")
         _warned = True
 
 

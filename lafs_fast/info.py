@@ -1,0 +1,64 @@
+"""`python -m lafs_fast.info`: versions, build facts and which op backends are usable here."""
+import importlib.util
+import os
+import platform
+
+import torch
+
+
+def backend_status() -> dict:
+    from . import ops
+    status = {"reference": "usable (plain PyTorch)"}
+    if not ops.HAS_EXTENSION:
+        status["cpu"] = status["cuda"] = f"unavailable: {ops.EXTENSION_STATUS}"
+    else:
+        status["cpu"] = "usable" if ops.has_kernel("landmark_patch_embed", "CPU") else "not built"
+        if not ops.has_kernel("landmark_patch_embed", "CUDA"):
+            status["cuda"] = "not built (rebuild with LAFS_FAST_CUDA=1)"
+        else:
+            status["cuda"] = "usable" if torch.cuda.is_available() else "built, but no GPU visible"
+    if importlib.util.find_spec("triton") is None:
+        status["triton"] = "unavailable: triton is not installed"
+    elif torch.cuda.is_available():
+        status["triton"] = "usable"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        status["triton"] = "usable on CPU through the interpreter (slow; for tests)"
+    else:
+        status["triton"] = "needs a GPU (or TRITON_INTERPRET=1 for the slow CPU interpreter)"
+    return status
+
+
+def info() -> dict:
+    from . import __version__, ops
+    try:
+        from ._build_info import BUILD_INFO
+    except ImportError:
+        BUILD_INFO = None
+    return {
+        "lafs_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+        "extension": ops.EXTENSION_STATUS,
+        "build": BUILD_INFO,
+        "backends": backend_status(),
+        "default_backend": {"cpu tensors": ops.resolve_backend("auto", torch.device("cpu")),
+                            "cuda tensors": ops.resolve_backend("auto", torch.device("cuda"))},
+    }
+
+
+def main():
+    for key, value in info().items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<16} {v}")
+        else:
+            print(f"{key:<18} {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Transformer pieces of Part fViT: attention (inner width may differ from dim), pre-LN blocks."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+
+def attention_scale(scale: Union[str, float], dim: int, dim_head: int) -> float:
+    """"dim" -> dim ** -0.5 (the release: 768 ** -0.5), "dim_head" -> dim_head ** -0.5 (standard)."""
+    if scale == "dim":
+        return dim ** -0.5
+    if scale == "dim_head":
+        return dim_head ** -0.5
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+        return float(scale)
+    raise ValueError(f"attn_scale must be 'dim', 'dim_head' or a positive float, got {scale!r}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with inner width heads * dim_head (704 != 768 in the release).
+    qkv is one bias-free Linear laid out [q | k | v], each (heads, dim_head), as released."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
+                 attn_dropout: float = 0.0, scale: Union[str, float] = "dim"):
+        super().__init__()
+        if heads < 1 or dim_head < 1:
+            raise ValueError(f"heads and dim_head must be >= 1, got {heads}, {dim_head}")
+        self.heads, self.dim_head = heads, dim_head
+        inner = heads * dim_head
+        self.scale = attention_scale(scale, dim, dim_head)
+        self.attn_dropout = attn_dropout
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        qkv = self.to_qkv(x).view(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
+        return self.proj_drop(self.to_out(out))
+
+
+class Block(nn.Module):
+    """x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0,
+                 drop_path: float = 0.0, attn_scale: Union[str, float] = "dim",
+                 attn_dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dim_head, dropout, attn_dropout, attn_scale)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        # timm Mlp = Linear, GELU (erf), Dropout, Linear, Dropout: the release's FeedForward.
+        self.mlp = Mlp(dim, mlp_dim, act_layer=nn.GELU, drop=dropout)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-LN blocks (no final norm: Part fViT applies it to the CLS token only).
+    drop_path is the same on every block, as in the release (0.1)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
+                 dropout: float = 0.0, drop_path: float = 0.0,
+                 attn_scale: Union[str, float] = "dim", attn_dropout: float = 0.0):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, dim_head, mlp_dim, dropout, drop_path, attn_scale, attn_dropout)
+            for _ in range(depth))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return x

@@ -174,15 +174,20 @@ def landmark_patch_embed(images: Tensor, landmarks: Tensor, weight: Tensor, bias
     check_weight_inputs(images, weight, bias, patch_size)
     seed = resolve_seed(seed, perturb_std)
     backend = resolve_backend(backend, images.device)
+    return _embed(backend, images, landmarks, weight, bias, index, patch_size, float(perturb_std), seed)
+
+
+def _embed(backend, images, landmarks, weight, bias, index, patch_size, perturb_std, seed):
+    """landmark_patch_embed on a resolved backend with checked arguments."""
     if backend == "reference":
         return reference.landmark_patch_embed(images, landmarks, weight, bias, index, patch_size,
-                                              float(perturb_std), seed)
+                                              perturb_std, seed)
     if backend == "triton":
         from .kernels import landmark_patch_embed as tk
         return tk.landmark_patch_embed_triton(images, landmarks, weight, bias, index, patch_size,
-                                              float(perturb_std), seed)
+                                              perturb_std, seed)
     return torch.ops.lafs_fast.landmark_patch_embed(images, landmarks, weight, bias, index,
-                                                    patch_size, float(perturb_std), seed)
+                                                    patch_size, perturb_std, seed)
 
 
 def landmark_patches(images: Tensor, landmarks: Tensor, *, patch_size: int = 8,
@@ -199,6 +204,99 @@ def landmark_patches(images: Tensor, landmarks: Tensor, *, patch_size: int = 8,
         return tk.landmark_patches_triton(images, landmarks, index, patch_size, float(perturb_std), seed)
     return torch.ops.lafs_fast.landmark_patches(images, landmarks, index, patch_size,
                                                 float(perturb_std), seed)
+
+
+LOCAL_SEED_SALT = 1 << 62  # local views draw from key seed ^ salt: a stream apart from the global one
+
+
+def multicrop_embed(global_images: Tensor, global_landmarks: Tensor, local_images: Tensor,
+                    local_landmarks: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                    teacher_weight: Tensor, teacher_bias: Optional[Tensor], *,
+                    local_index: Optional[Tensor] = None, patch_size: int = 8, perturb_std: float = 0.0,
+                    seed: Optional[int] = None, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The tokens of one LAFS step in two calls, with no loop over views.
+
+    global_images (G*B, C, H, W) with global_landmarks (G*B, N, 2): every landmark in order;
+    local_images (L*B, C, h, w) with local_landmarks (L*B, N, 2) and local_index (L*B, K): the
+    shuffled subset. Returns (student_global (G*B, N, Ds), student_local (L*B, K, Ds),
+    teacher_global (G*B, N, Dt)). Each global patch is sampled once and multiplied by the
+    student and teacher weights in the same GEMM (teacher_student_embed); the teacher tokens carry
+    no gradient, and the backward computes the student's gradients only. Perturbation noise is
+    keyed by (seed, row, slot) for the global views and by (seed ^ 2**62, row, slot) for the local.
+    """
+    check_patch_inputs(global_images, global_landmarks, None, patch_size, perturb_std)
+    check_patch_inputs(local_images, local_landmarks, local_index, patch_size, perturb_std)
+    check_weight_inputs(global_images, student_weight, student_bias, patch_size)
+    check_weight_inputs(global_images, teacher_weight, teacher_bias, patch_size)
+    if local_images.dtype != global_images.dtype or local_images.shape[1] != global_images.shape[1]:
+        raise ValueError("local_images must have global_images' dtype and channel count")
+    seed = resolve_seed(seed, perturb_std)
+    backend = resolve_backend(backend, global_images.device)
+    student_global, teacher_global = torch.ops.lafs_fast.teacher_student_embed(
+        global_images, global_landmarks, student_weight, student_bias, teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(), patch_size, float(perturb_std), seed,
+        backend)
+    student_local = _embed(backend, local_images, local_landmarks, student_weight, student_bias, local_index,
+                           patch_size, float(perturb_std), seed ^ LOCAL_SEED_SALT)
+    return student_global, student_local, teacher_global
+
+
+@torch.library.custom_op("lafs_fast::teacher_student_embed", mutates_args=())
+def teacher_student_embed(images: Tensor, landmarks: Tensor, student_weight: Tensor,
+                          student_bias: Optional[Tensor], teacher_weight: Tensor,
+                          teacher_bias: Optional[Tensor], patch_size: int, perturb_std: float, seed: int,
+                          backend: str) -> tuple[Tensor, Tensor]:
+    """Student and teacher tokens of the same patches: one sampling pass, one GEMM with the
+    stacked weights [student; teacher]."""
+    Ds = student_weight.shape[0]
+    weight = torch.cat([student_weight, teacher_weight])
+    if student_bias is None and teacher_bias is None:
+        bias = None
+    else:
+        zeros = lambda w: w.new_zeros(w.shape[0])  # noqa: E731
+        bias = torch.cat([student_bias if student_bias is not None else zeros(student_weight),
+                          teacher_bias if teacher_bias is not None else zeros(teacher_weight)])
+    with torch.no_grad():
+        out = _embed(backend, images, landmarks, weight, bias, None, patch_size, perturb_std, seed)
+    return out[..., :Ds].contiguous(), out[..., Ds:].contiguous()
+
+
+@teacher_student_embed.register_fake
+def _(images, landmarks, student_weight, student_bias, teacher_weight, teacher_bias, patch_size,
+      perturb_std, seed, backend):
+    B, N = landmarks.shape[:2]
+    return (images.new_empty(B, N, student_weight.shape[0]), images.new_empty(B, N, teacher_weight.shape[0]))
+
+
+def _ts_setup_context(ctx, inputs, output):
+    images, landmarks, student_weight, student_bias, _, _, patch_size, perturb_std, seed, backend = inputs
+    ctx.save_for_backward(images, landmarks, student_weight)
+    ctx.args = (patch_size, perturb_std, seed, backend)
+    ctx.has_bias = student_bias is not None
+
+
+def _ts_backward(ctx, grad_student, grad_teacher):
+    """Student gradients only (the teacher is an EMA, never trained by backprop)."""
+    images, landmarks, weight = ctx.saved_tensors
+    patch_size, perturb_std, seed, backend = ctx.args
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2], need[3] and ctx.has_bias]
+    if backend in ("cpu", "cuda"):
+        grads = torch.ops.lafs_fast.landmark_patch_embed_backward(
+            grad_student.contiguous(), images, landmarks, weight, None, patch_size, perturb_std, seed, mask)
+        grads = [g if m else None for g, m in zip(grads, mask)]
+    else:  # reference / triton: recompute the student's forward under autograd
+        leaves = [t.detach().requires_grad_(m) for t, m in zip((images, landmarks, weight), mask[:3])]
+        bias = weight.new_zeros(weight.shape[0], requires_grad=mask[3]) if ctx.has_bias else None
+        with torch.enable_grad():
+            out = _embed(backend, *leaves, bias, None, patch_size, perturb_std, seed)
+            wanted = [t for t, m in zip(leaves + [bias], mask) if m]
+            got = iter(torch.autograd.grad(out, wanted, grad_student)) if wanted else iter(())
+        grads = [next(got) if m else None for m in mask]
+    return (*grads, None, None, None, None, None, None)
+
+
+teacher_student_embed.register_autograd(_ts_backward, setup_context=_ts_setup_context)
 
 
 # ----------------------------------------------------------------------------- autograd + fake

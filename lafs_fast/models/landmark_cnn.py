@@ -78,9 +78,10 @@ class Bottleneck(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-def normalize_landmarks(raw: Tensor, image_size: int, eps: float = 1e-6) -> Tensor:
+def normalize_landmarks(raw: Tensor, image_size: int, eps: float = 1e-12) -> Tensor:
     """(B, 2N) raw outputs -> (B, N, 2) pixels: ONE min and ONE max per sample over x and y
-    together, scaled to [0, S - 1]. eps guards a constant output (the release divides by 0)."""
+    together, scaled to [0, S - 1]. eps only guards an exactly constant output (the release
+    divides by 0); it is tiny because a fresh model in eval mode has ranges of ~1e-9."""
     lo = raw.amin(dim=1, keepdim=True)
     hi = raw.amax(dim=1, keepdim=True)
     theta = (raw - lo) / (hi - lo).clamp_min(eps) * (image_size - 1)

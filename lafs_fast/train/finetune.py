@@ -21,6 +21,7 @@ from .. import config as C
 from ..models import create_model
 from ..models.heads import ArcFace, CosFace
 from . import common
+from ..data import to_model_input
 from .data_setup import build_train_data, evaluate_model
 
 
@@ -150,7 +151,7 @@ def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
                                                                          if model.landmark_cnn else [])):
             g["lr_scale"] *= cfg.cnn_lr_scale
     opt = common.make_adamw(groups, cfg.lr, device)
-    steps_per_epoch = len(data.loader)
+    steps_per_epoch = len(data)
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     ring = common.CheckpointRing(cfg.out_dir, cfg.keep_checkpoints)
@@ -163,7 +164,6 @@ def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
         opt.load_state_dict(state["optimizer"])
         step, start_epoch = state["step"], state["epoch"]
         common.set_rng_state(state["rng"])
-        data.set_epoch_position(state["epoch"], state["step"] - state["epoch"] * steps_per_epoch, state.get("data"))
         print(f"resumed from {ring.latest()} at step {step}")
 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -177,17 +177,16 @@ def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
     def save(epoch):
         ring.save(step, {"model": model.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
                          "step": step, "epoch": epoch, "rng": common.rng_state(), "gen": gen.get_state(),
-                         "data": data.state(), "config": dataclasses.asdict(cfg),
+                         "config": dataclasses.asdict(cfg),
                          "model_config": model.config, "kind": "finetune"})
 
     t_start, seen = time.time(), 0
     bar = tqdm(total=total, initial=step, desc=log_prefix, disable=not cfg.progress, dynamic_ncols=True)
     last = {}
     for epoch in range(start_epoch, cfg.epochs):
-        data.set_epoch(epoch)
         lam_drift = drift_weight(cfg, epoch)
-        for images, labels in data.epoch_batches(step - epoch * steps_per_epoch):
-            x = images.to(device, non_blocking=True)
+        for images, labels in data.epoch_batches(epoch, max(0, step - epoch * steps_per_epoch)):
+            x = to_model_input(images.to(device, non_blocking=True))
             y = labels.to(device)
             common.set_schedule(opt, common.warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr))
             x = augment(x, cfg, gen)
@@ -231,7 +230,7 @@ def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
         if not cfg.checkpoint_every:
             save(epoch + 1)
     bar.close()
-    logger.log(stage=log_prefix, **last, loader_images_per_s=data.loader_throughput())
+    logger.log(stage=log_prefix, **last, loader_images_per_s=data.loader_images_per_s())
     model.eval()
     with torch.no_grad():
         end_landmarks = model.predict_landmarks(fixed).cpu()

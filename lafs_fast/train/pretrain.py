@@ -29,6 +29,7 @@ from .. import ops, ssl, views
 from ..models import create_model
 from ..models.heads import DINOHead
 from . import common
+from ..data import to_model_input
 from .data_setup import build_train_data
 
 
@@ -152,7 +153,7 @@ def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
                         total_epochs=cfg.epochs).to(device)
     groups = common.param_groups(net.student, cfg.weight_decay, extra=net.student_head)
     opt = common.make_adamw(groups, cfg.lr, device)
-    steps_per_epoch = len(data.loader)
+    steps_per_epoch = len(data)
     total = cfg.epochs * steps_per_epoch
     base_lr = cfg.lr * cfg.batch_size / 256
     lr_sched = ssl.cosine_schedule(base_lr, cfg.min_lr, cfg.epochs, steps_per_epoch, warmup_epochs=cfg.warmup_epochs)
@@ -176,9 +177,8 @@ def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
     bar = tqdm(total=total, initial=step, desc=log_prefix, disable=not cfg.progress, dynamic_ncols=True)
     t_start, seen, last = time.time(), 0, {}
     for epoch in range(start_epoch, cfg.epochs):
-        data.set_epoch(epoch)
-        for images, _ in data.epoch_batches(step - epoch * steps_per_epoch):
-            x = images.to(device, non_blocking=True)
+        for images, _ in data.epoch_batches(epoch, max(0, step - epoch * steps_per_epoch)):
+            x = to_model_input(images.to(device, non_blocking=True))
             common.set_schedule(opt, float(lr_sched[step]), float(wd_sched[step]))
             with torch.no_grad():
                 v = views.make_lafs_views(x, vcfg, generator=gen)

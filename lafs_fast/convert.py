@@ -1,0 +1,58 @@
+"""Convert a release checkpoint to lafs_fast's own format, and read that format back.
+
+    python -m lafs_fast.convert IN OUT [--landmark-cnn PATH]
+
+The output is {'model': state_dict, 'config': PartFViT kwargs, 'format': 'lafs_fast.part_fvit/1'}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .checkpoint import CheckpointError, load_checkpoint, load_official, save_checkpoint
+from .models.part_fvit import PartFViT
+
+FORMAT = "lafs_fast.part_fvit/1"
+
+
+def save_model(model: PartFViT, path: str, **extra) -> None:
+    """Atomically save a PartFViT with the config needed to rebuild it."""
+    save_checkpoint(path, {"format": FORMAT, "config": dict(model.config),
+                           "model": model.state_dict(), **extra})
+
+
+def load_model(path: str, map_location="cpu") -> PartFViT:
+    """A PartFViT (eval mode) from a file written by save_model / this converter."""
+    obj = load_checkpoint(path, map_location)
+    if "model" not in obj or "config" not in obj:
+        raise CheckpointError(f"{path} is not in lafs_fast format (needs 'model' and 'config'; "
+                              "for a release checkpoint use lafs_fast.checkpoint.load_official)")
+    model = PartFViT(**obj["config"])
+    try:
+        model.load_state_dict(obj["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: state dict does not fit its config: {e}") from e
+    return model.eval()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lafs_fast.convert", description=__doc__.split("\n")[0])
+    ap.add_argument("input", help="release checkpoint (supervised Part fViT or LAFS/DINO)")
+    ap.add_argument("output", help="lafs_fast checkpoint to write")
+    ap.add_argument("--landmark-cnn", default=None,
+                    help="supervised Part fViT checkpoint to take the landmark CNN from")
+    args = ap.parse_args(argv)
+    try:
+        model = load_official(args.input, args.landmark_cnn)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    save_model(model, args.output, source=args.input)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.output}: {n / 1e6:.2f} M parameters, config {model.config}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

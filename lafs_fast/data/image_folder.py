@@ -1,0 +1,118 @@
+"""One folder per identity (jpg / png / pgm ...), labels by sorted folder name; plus the image
+decoding helpers shared by the RecordIO and .bin readers (uint8 (3, H, W) tensors)."""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .orl import read_pnm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp")
+
+
+def resize_uint8(img: Tensor, size: int) -> Tensor:
+    """uint8 (C, H, W) -> (C, size, size), bilinear with antialias (a no-op at the right size)."""
+    if img.shape[-2:] == (size, size):
+        return img
+    out = F.interpolate(img[None].float(), size=(size, size), mode="bilinear",
+                        align_corners=False, antialias=True)[0]
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _to_rgb(img: Tensor) -> Tensor:
+    if img.shape[0] == 1:
+        return img.expand(3, -1, -1).contiguous()
+    if img.shape[0] == 4:
+        return img[:3].contiguous()
+    return img
+
+
+def decode_image_bytes(data: Union[bytes, bytearray, memoryview],
+                       image_size: Optional[int] = None) -> Tensor:
+    """Encoded JPEG / PNG / PGM / PPM bytes -> uint8 (3, H, W) RGB (grey replicated), optionally
+    resized to image_size x image_size. Raises ValueError on undecodable data."""
+    data = bytes(data)
+    try:
+        if data[:2] in (b"P5", b"P6"):
+            arr = read_pnm(data)
+            img = torch.from_numpy(arr.copy())
+            img = img[None] if img.dim() == 2 else img.permute(2, 0, 1)
+        else:  # PIL: torchvision.io's codecs are deprecated (0.29)
+            from PIL import Image
+            with Image.open(io.BytesIO(data)) as im:
+                arr = np.asarray(im.convert("RGB"))
+            img = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    except Exception as e:  # PIL raises OSError / SyntaxError variants for corrupt data
+        raise ValueError(f"could not decode image ({len(data)} bytes): {e}") from e
+    img = _to_rgb(img)
+    return resize_uint8(img, image_size) if image_size else img
+
+
+def encode_image(img: Tensor, encoding: str = "png", quality: int = 95) -> bytes:
+    """uint8 (C, H, W) -> PNG or JPEG bytes (for the test / small-set writers)."""
+    from PIL import Image
+    if encoding not in ("png", "jpeg"):
+        raise ValueError(f"encoding must be 'png' or 'jpeg', got {encoding!r}")
+    img = torch.as_tensor(img)
+    if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"images must be uint8 (1 or 3, H, W), got {img.dtype} {tuple(img.shape)}")
+    arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).contiguous().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=encoding.upper(), **({"quality": quality} if encoding == "jpeg" else {}))
+    return buf.getvalue()
+
+
+def read_image_file(path: str, image_size: Optional[int] = None) -> Tensor:
+    with open(path, "rb") as f:
+        return decode_image_bytes(f.read(), image_size)
+
+
+class ImageFolderDataset(Dataset):
+    """root/<identity>/<image>: items (uint8 (3, S, S), label), label = rank of the folder name
+    among the non-empty identity folders (sorted). Empty folders are skipped with one warning
+    and counted in ``num_empty``; undecodable files raise when read (use ``check()`` first)."""
+
+    def __init__(self, root: str, image_size: int = 112):
+        if not os.path.isdir(root):
+            raise ValueError(f"root {root!r} is not a directory")
+        self.root, self.image_size = root, image_size
+        self.classes: list[str] = []
+        self.empty: list[str] = []
+        paths, labels = [], []
+        for name in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
+            folder = os.path.join(root, name)
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not files:
+                self.empty.append(name)
+                continue
+            label = len(self.classes)
+            self.classes.append(name)
+            paths += [os.path.join(folder, f) for f in files]
+            labels += [label] * len(files)
+        if self.empty:
+            warnings.warn(f"ImageFolderDataset: skipped {len(self.empty)} empty identity folder(s) "
+                          f"in {root}, e.g. {self.empty[:3]}")
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    @property
+    def num_empty(self) -> int:
+        return len(self.empty)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return read_image_file(self.paths[i], self.image_size), int(self.labels[i])

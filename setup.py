@@ -80,7 +80,7 @@ def extensions():
     sources = ["csrc/lafs_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc")]
     cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
-    nvcc_flags = ["-O3", "--use_fast_math", "-std=c++20", "-lineinfo"]
+    nvcc_flags = ["-O3", "-std=c++20", "-lineinfo"]
     define_macros = []
     arch_list = ""
     if with_cuda:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as C
+from ..convert import save_model
 from ..models import create_model
 from ..models.heads import ArcFace, CosFace
 from . import common
@@ -239,8 +240,7 @@ def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
     result = {"steps": step, "train_images_per_s": last.get("images_per_s", 0.0), "landmark_shift_px": moved,
               "final_loss": last.get("loss", math.nan)}
     final = os.path.join(cfg.out_dir, "model.pt")
-    from ..checkpoint import save_checkpoint
-    save_checkpoint(final, {"model": model.state_dict(), "config": model.config, "kind": "part_fvit"})
+    save_model(model, final, stage="finetune")
     result["checkpoint"] = final
     if cfg.eval:
         result["eval"] = evaluate_model(model, device, cfg.out_dir)

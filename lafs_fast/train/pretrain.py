@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .. import config as C
 from .. import ops, ssl, views
+from ..convert import save_model
 from ..models import create_model
 from ..models.heads import DINOHead
 from . import common
@@ -156,7 +157,7 @@ def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
     steps_per_epoch = len(data)
     total = cfg.epochs * steps_per_epoch
     base_lr = cfg.lr * cfg.batch_size / 256
-    lr_sched = ssl.cosine_schedule(base_lr, cfg.min_lr, cfg.epochs, steps_per_epoch, warmup_epochs=cfg.warmup_epochs)
+    lr_sched = ssl.cosine_schedule(base_lr, cfg.min_lr, cfg.epochs, steps_per_epoch, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
     wd_sched = ssl.cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch)
     mom_sched = ssl.cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
     ring = common.CheckpointRing(cfg.out_dir, cfg.keep_checkpoints)
@@ -207,10 +208,8 @@ def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
                          "config": dataclasses.asdict(cfg), "model_config": net.student.config,
                          "kind": "lafs_pretrain"})
     bar.close()
-    from ..checkpoint import save_checkpoint
     final = os.path.join(cfg.out_dir, "teacher.pt")
-    teacher_state = {k: v for k, v in net.teacher.state_dict().items()}
-    save_checkpoint(final, {"model": teacher_state, "config": net.teacher.config, "kind": "lafs_teacher"})
+    save_model(net.teacher, final, stage="lafs_teacher")  # the backbone finetuning starts from
     logger.log(stage=log_prefix + "_done", **last, checkpoint=final)
     return {"steps": step, "final_loss": last.get("loss"), "images_per_s": last.get("images_per_s", 0.0),
             "checkpoint": final}

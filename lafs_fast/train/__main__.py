@@ -31,7 +31,12 @@ def main(argv=None):
         from .evaluate import main as run
     else:
         from .pipeline import main as run
-    return run(argv)
+    from ..checkpoint import CheckpointError
+    try:
+        return run(argv)
+    except (ValueError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
+        # Problems with the user's input or data: one clear line, not a traceback.
+        sys.exit(f"python -m lafs_fast.train {command}: error: {e}")
 
 
 if __name__ == "__main__":

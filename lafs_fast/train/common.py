@@ -170,7 +170,7 @@ def set_rng_state(state: dict) -> None:
 def save_landmark_png(path: str, images: torch.Tensor, landmarks: torch.Tensor,
                       start: Optional[torch.Tensor] = None, nrow: int = 4) -> None:
     """Faces (B, C, H, W) in [-1, 1] with landmarks drawn: red now, blue where they started."""
-    from torchvision.io import write_png
+    from PIL import Image
     from torchvision.utils import draw_keypoints, make_grid
 
     imgs = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -187,4 +187,4 @@ def save_landmark_png(path: str, images: torch.Tensor, landmarks: torch.Tensor,
     # Upscale 2x so that the dots are visible.
     grid = grid.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_png(grid, path)
+    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(path)

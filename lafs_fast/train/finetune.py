@@ -70,6 +70,7 @@ class FinetuneConfig:
     resume: bool = C.field(False, "continue from the newest checkpoint in out_dir")
     seed: int = C.field(0, "random seed (data order, augmentation, init)")
     eval: bool = C.field(True, "evaluate on held-out pairs at the end")
+    stop_after: int = C.field(0, "stop after this many steps, schedule unchanged (0 = run to the end)")
     log_every: int = C.field(10, "steps between metric lines")
     progress: bool = C.field(True, "show a progress bar")
 
@@ -228,6 +229,9 @@ def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
                 logger.log(stage=log_prefix, **last)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save(epoch)
+            if cfg.stop_after and step >= cfg.stop_after:
+                bar.close()
+                return {"steps": step, "stopped": True}
         if not cfg.checkpoint_every:
             save(epoch + 1)
     bar.close()

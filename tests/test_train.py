@@ -1,0 +1,124 @@
+"""Training commands end to end on tiny data, and the CLI's handling of bad options."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lafs_fast import config as C
+from lafs_fast.train import finetune, pretrain
+from lafs_fast.train.data_setup import TrainData, build_train_data
+
+TINY = dict(dataset="synthetic", batch_size=8, threads=0, progress=False, device="cpu")
+
+
+def tiny_finetune(out_dir, **kw):
+    cfg = finetune.FinetuneConfig(**{**TINY, "epochs": 2, "warmup_epochs": 0.5, "eval": False,
+                                     "out_dir": str(out_dir), "log_every": 1, **kw})
+    cfg.validate()
+    return finetune.run(cfg)
+
+
+def test_finetune_from_scratch_moves_landmarks_and_logs(tmp_path):
+    res = tiny_finetune(tmp_path, lr=5e-3)
+    assert res["steps"] == 2 * (48 // 8)
+    assert res["landmark_shift_px"] > 0  # the landmark CNN learned through the op's gradient
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    steps = [l for l in lines if l.get("stage") == "finetune"]
+    assert len(steps) >= res["steps"] and all(torch.isfinite(torch.tensor(l["loss"])) for l in steps)
+    png = open(tmp_path / "landmarks.png", "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from lafs_fast.convert import load_model
+    model = load_model(res["checkpoint"])
+    assert model(torch.zeros(1, 3, 112, 112)).shape == (1, model.dim)
+    # checkpoints rotate: only the newest `keep_checkpoints` remain
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("step-")]) <= 3
+
+
+def test_finetune_resume_continues_the_same_run(tmp_path):
+    kw = dict(epochs=2, mixup_prob=0.5, checkpoint_every=2)
+    straight = tiny_finetune(tmp_path / "a", **kw)
+    assert tiny_finetune(tmp_path / "b", stop_after=7, **kw)["stopped"]  # mid-epoch, after a save at 6
+    resumed = tiny_finetune(tmp_path / "b", resume=True, **kw)
+    assert resumed["steps"] == straight["steps"]
+    a = torch.load(straight["checkpoint"], weights_only=False)["model"]
+    b = torch.load(resumed["checkpoint"], weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_pretrain_grid_and_cnn_landmarks(tmp_path):
+    sup = tiny_finetune(tmp_path / "sup", epochs=1)
+    for landmarks, extra in (("grid", {}), ("cnn", {"landmark_init": sup["checkpoint"]})):
+        cfg = pretrain.PretrainConfig(**TINY, landmarks=landmarks, epochs=1, n_local=2, out_dim=64,
+                                      out_dir=str(tmp_path / landmarks), warmup_epochs=0, **extra)
+        cfg.validate()
+        res = pretrain.run(cfg)
+        assert res["steps"] == 48 // 8 and torch.isfinite(torch.tensor(res["final_loss"]))
+        # finetuning starts from the teacher it wrote
+        ft = tiny_finetune(tmp_path / f"ft_{landmarks}", epochs=1, init=res["checkpoint"],
+                           landmark_init=sup["checkpoint"])
+        assert ft["steps"] == 48 // 8
+
+
+def test_data_order_is_seeded_and_fewshot_is_random():
+    data = build_train_data("synthetic", "", 0, seed=3, batch_size=8, workers=0)
+    again = build_train_data("synthetic", "", 0, seed=3, batch_size=8, workers=0)
+    assert torch.equal(data.order(0), again.order(0))
+    assert not torch.equal(data.order(0), data.order(1))
+    few = build_train_data("synthetic", "", 2, seed=3, batch_size=4, workers=0)
+    assert len(few.indices) == 2 * 8 and few.num_classes == 8
+    with pytest.raises(ValueError, match="batch-size"):
+        TrainData(few.dataset, 1000, 0)
+
+
+def test_drift_lambda_schedule():
+    cfg = finetune.FinetuneConfig()
+    got = [finetune.drift_weight(cfg, e) for e in (0, 7, 8, 13, 14, 20, 21, 27, 28, 40)]
+    assert got == [1000, 1000, 100, 100, 1, 1, 0.11, 0.11, 0, 0]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lafs_fast.train", *args], capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.mark.parametrize("args,words", [
+    (["finetune", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    (["finetune", "--batch-size", "-4"], "--batch-size must be >= 2"),
+    (["finetune", "--batch-size", "four"], "--batch-size"),
+    (["finetune", "--dataset", "folder", "--data-path", "/no/such/dir"], "does not exist"),
+    (["finetune", "--init", "/no/such/file.pt"], "--init: no such file"),
+    (["pretrain", "--landmarks", "cnn"], "--landmark-init"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+])
+def test_cli_rejects_bad_options(args, words):
+    res = run_cli(*args)
+    assert res.returncode != 0
+    assert words in res.stderr, res.stderr[-2000:]
+
+
+def test_cli_rejects_unwritable_output_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.write_text("a file, not a folder")
+    res = run_cli("finetune", "--dataset", "synthetic", "--epochs", "1", "--out-dir", str(ro / "sub"))
+    assert res.returncode != 0 and "not writable" in res.stderr
+
+
+def test_help_documents_every_option():
+    res = run_cli("finetune", "--help")
+    assert res.returncode == 0
+    for f in C.dataclasses.fields(finetune.FinetuneConfig):
+        assert "--" + f.name.replace("_", "-") in res.stdout, f.name
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("epochs: 3\nlr: 0.01\nbatch-size: 16\n")
+    cfg = C.parse(finetune.FinetuneConfig, ["--config", str(y), "--lr", "0.02"])
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (3, 0.02, 16)
+    y.write_text("epochs: 3\nbogus: 1\n")
+    with pytest.raises(SystemExit):
+        C.parse(finetune.FinetuneConfig, ["--config", str(y)])

@@ -153,10 +153,14 @@ def test_gradcheck_float64(backend, with_index):
     lm = torch.floor(lm) + 0.37
     index = torch.tensor([[2, 0, 2, 1], [1, 1, 0, 2]], device=lm.device) if with_index else None
     args = [t.requires_grad_() for t in (images, lm, weight, bias)]
+    # The Triton interpreter runs ~1000x slower than compiled code: there the Jacobian is
+    # checked through random projections (fast_mode), which still fails on any wrong gradient.
+    fast = backend == "triton" and not HAS_CUDA
+    check = dict(eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast)
     f = lambda i, l, w, b: run(backend, i, l, w, b, patch_size=4, index=index, perturb_std=0.5, seed=7)  # noqa
-    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert torch.autograd.gradcheck(f, args, **check)
     fp = lambda i, l: ops.landmark_patches(i, l, patch_size=4, index=index, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fp, args[:2], eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert torch.autograd.gradcheck(fp, args[:2], **check)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -238,7 +238,7 @@ def multicrop_embed(global_images: Tensor, global_landmarks: Tensor, local_image
         backend)
     student_local = _embed(backend, local_images, local_landmarks, student_weight, student_bias, local_index,
                            patch_size, float(perturb_std), seed ^ LOCAL_SEED_SALT)
-    return student_global, student_local, teacher_global
+    return student_global, student_local, teacher_global.detach()
 
 
 @torch.library.custom_op("lafs_fast::teacher_student_embed", mutates_args=())

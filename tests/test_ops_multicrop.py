@@ -54,9 +54,12 @@ def test_teacher_student_gradcheck_float64(backend):
         needs(backend)
     g_img, g_lm, _, _, _, ws, bs, wt, bt = views_case(backend, dtype=torch.float64, G=1, B=2, N=3)
     g_lm = torch.floor(g_lm) + 0.31
-    args = [g_img.requires_grad_(), g_lm.requires_grad_(), ws.requires_grad_(), bs.requires_grad_()]
-    f = lambda i, l, w, b: torch.ops.lafs_fast.teacher_student_embed(i, l, w, b, wt, bt, 4, 0.0, 0, backend)[0]  # noqa
-    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
+    # Image gradients share the code checked in test_ops_landmark_patch_embed; leaving them out
+    # keeps the full Jacobian small.
+    args = [g_lm.requires_grad_(), ws.requires_grad_(), bs.requires_grad_()]
+    f = lambda l, w, b: torch.ops.lafs_fast.teacher_student_embed(g_img, l, w, b, wt, bt, 4, 0.0, 0, backend)[0]  # noqa
+    fast = backend == "triton" and not torch.cuda.is_available()  # interpreter: see test_gradcheck_float64
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast)
 
 
 def test_teacher_student_opcheck():

@@ -9,6 +9,7 @@ import torch
 
 from lafs_fast import config as C
 from lafs_fast.train import finetune, pretrain
+from lafs_fast.train.__main__ import main as cli_main
 from lafs_fast.train.data_setup import TrainData, build_train_data
 
 TINY = dict(dataset="synthetic", batch_size=8, threads=0, progress=False, device="cpu")
@@ -85,6 +86,12 @@ def run_cli(*args):
                           timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+def test_cli_process_reports_errors_in_one_line():
+    res = run_cli("finetune", "--no-such-flag", "1")
+    assert res.returncode == 2 and "unrecognized arguments: --no-such-flag" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 @pytest.mark.parametrize("args,words", [
     (["finetune", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
     (["finetune", "--batch-size", "-4"], "--batch-size must be >= 2"),
@@ -94,24 +101,29 @@ def run_cli(*args):
     (["pretrain", "--landmarks", "cnn"], "--landmark-init"),
     (["frobnicate"], "unknown command 'frobnicate'"),
 ])
-def test_cli_rejects_bad_options(args, words):
-    res = run_cli(*args)
-    assert res.returncode != 0
-    assert words in res.stderr, res.stderr[-2000:]
+def test_cli_rejects_bad_options(args, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(args)
+    assert e.value.code != 0
+    err = capsys.readouterr().err + str(e.value.code)
+    assert words in err, err[-2000:]
 
 
 def test_cli_rejects_unwritable_output_dir(tmp_path):
     ro = tmp_path / "ro"
     ro.write_text("a file, not a folder")
-    res = run_cli("finetune", "--dataset", "synthetic", "--epochs", "1", "--out-dir", str(ro / "sub"))
-    assert res.returncode != 0 and "not writable" in res.stderr
+    with pytest.raises(SystemExit) as e:
+        cli_main(["finetune", "--dataset", "synthetic", "--epochs", "1", "--out-dir", str(ro / "sub")])
+    assert "not writable" in str(e.value.code)
 
 
-def test_help_documents_every_option():
-    res = run_cli("finetune", "--help")
-    assert res.returncode == 0
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["finetune", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
     for f in C.dataclasses.fields(finetune.FinetuneConfig):
-        assert "--" + f.name.replace("_", "-") in res.stdout, f.name
+        assert "--" + f.name.replace("_", "-") in out, f.name
 
 
 def test_config_yaml_and_overrides(tmp_path):

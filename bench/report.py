@@ -25,7 +25,10 @@ def tables(data, baseline="fused"):
         for b in sorted(benches, key=lambda b: b["stats"]["median"]):
             s = b["stats"]
             ratio = f"{s['median'] / base_t:.2f}x" if base_t else "-"
-            extra = ", ".join(f"{k} {v}" for k, v in b.get("extra_info", {}).items())
+            info = dict(b.get("extra_info", {}))
+            if "traffic_floor_MB" in info:  # achieved bandwidth against the memory-traffic floor
+                info["GB/s"] = round(info["traffic_floor_MB"] * 2**20 / s["median"] / 1e9, 1)
+            extra = ", ".join(f"{k} {v}" for k, v in info.items())
             lines.append(f"| {impl_name(b)} | {s['median'] * 1e3:.2f} | {s['min'] * 1e3:.2f} | {ratio} | {extra} |")
         lines.append("")
     return "\n".join(lines)

@@ -67,7 +67,18 @@ def test_forward(benchmark, shape, impl):
         sync()
         return out
 
+    benchmark.extra_info["traffic_floor_MB"] = round(traffic_floor(images, lm, weight, P) / 2**20, 1)
     benchmark.pedantic(step, rounds=5 if impl != "original_loop" else 3, warmup_rounds=1)
+
+
+def traffic_floor(images, lm, weight, P):
+    """Bytes a perfect forward must move: read the images (or the taps, if fewer), landmarks and
+    weight once, write the tokens once."""
+    B, C = images.shape[:2]
+    N, D = lm.shape[1], weight.shape[0]
+    es = images.element_size()
+    taps = min(images.numel(), B * N * (P + 1) * (P + 1) * C) * es
+    return taps + lm.numel() * lm.element_size() + weight.numel() * es + B * N * D * es
 
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))

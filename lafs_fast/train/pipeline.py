@@ -36,6 +36,7 @@ class PipelineConfig:
     pretrain_batch_size: int = C.field(30, "faces per step in stage 2")
     n_local: int = C.field(4, "local views per face in stage 2")
     out_dim: int = C.field(1024, "DINO output dimension in stage 2")
+    head_hidden: int = C.field(512, "DINO head hidden width in stage 2 (2048 at full size)")
     threads: int = C.field(0, "torch CPU threads (0 = default)")
     device: str = C.field("auto", "cpu, cuda or auto")
     out_dir: str = C.field("runs/pipeline", "one folder per stage inside")
@@ -62,6 +63,7 @@ def run(cfg: PipelineConfig) -> dict:
     pre = pretrain.run(pretrain.PretrainConfig(
         **common, landmarks="cnn", landmark_init=sup["checkpoint"], epochs=cfg.pretrain_epochs,
         batch_size=cfg.pretrain_batch_size, n_local=cfg.n_local, out_dim=cfg.out_dim,
+        head_hidden=cfg.head_hidden, head_bottleneck=min(256, cfg.head_hidden // 2),
         out_dir=out("2_pretrain")), log_prefix="2 pretrain")
     print(f"[3/4] few-shot finetuning from the LAFS teacher -> {out('3_finetune')}")
     fin = finetune.run(finetune.FinetuneConfig(

@@ -51,6 +51,8 @@ class PretrainConfig:
     perturb_std: float = C.field(5.0, "sigma in pixels of the landmark coordinate perturbation")
     photometric: bool = C.field(True, "colour jitter / grayscale / blur / solarize on augmented copies")
     out_dim: int = C.field(4096, "DINO head output dimension K (100000 in the release)")
+    head_hidden: int = C.field(2048, "DINO head hidden width (2048 in the release)")
+    head_bottleneck: int = C.field(256, "DINO head bottleneck before the weight-normed layer (256)")
     lr: float = C.field(5e-4, "peak lr for batch 256 (scaled linearly by batch_size / 256)")
     min_lr: float = C.field(1e-6, "final lr")
     warmup_epochs: float = C.field(2.0, "lr warm-up epochs")
@@ -95,7 +97,8 @@ class LafsPretrainer(nn.Module):
         self.cfg = cfg
         # The pretraining backbone has no landmark CNN: landmarks come from a frozen one (or a grid).
         self.student = create_model(cfg.model, landmarks="grid")
-        self.student_head = DINOHead(self.student.dim, cfg.out_dim)
+        self.student_head = DINOHead(self.student.dim, cfg.out_dim, hidden_dim=cfg.head_hidden,
+                                     bottleneck_dim=cfg.head_bottleneck)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
         self.landmark_cnn = None

@@ -17,8 +17,8 @@ from torch import Tensor
 
 __all__ = [
     "DINOLoss", "cosine_schedule", "teacher_temp_schedule", "momentum_schedule",
-    "weight_decay_schedule", "lr_schedule", "ema_update_", "param_groups_for_adamw",
-    "apply_schedules_", "cancel_last_layer_grads", "NonFiniteLossError", "check_finite",
+    "weight_decay_schedule", "lr_schedule", "ema_update_",
+    "cancel_last_layer_grads", "NonFiniteLossError", "check_finite",
 ]
 
 
@@ -144,44 +144,6 @@ def ema_update_(teacher_params: Iterable[Tensor], student_params: Iterable[Tenso
 
 
 # ----------------------------------------------------------------------------- optimiser
-DEFAULT_NO_DECAY_NAMES = ("cls_token", "pos_embed", "pos_embedding")
-
-
-def param_groups_for_adamw(model: nn.Module, weight_decay: float = 0.04,
-                           no_decay_names: Sequence[str] = DEFAULT_NO_DECAY_NAMES
-                           ) -> List[Dict]:
-    """[decayed group, no-decay group] of the trainable parameters.
-
-    No decay on biases, on 1-D parameters (norm weights) and on parameters whose last name
-    component is in no_decay_names or model.no_weight_decay() (timm convention): CLS and position
-    tokens. Each group carries "apply_wd" so apply_schedules_ only updates the decayed one.
-    """
-    skip = set(no_decay_names)
-    if hasattr(model, "no_weight_decay"):
-        skip |= set(model.no_weight_decay())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        last = name.rsplit(".", 1)[-1]
-        if name.endswith(".bias") or name == "bias" or p.ndim <= 1 or last in skip or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "apply_wd": True},
-            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
-
-
-def apply_schedules_(optimizer: torch.optim.Optimizer, lr: float,
-                     weight_decay: Optional[float] = None) -> None:
-    """Set this step's lr on every group (times its "lr_scale" if any) and the weight decay on
-    the groups marked apply_wd (the no-decay group stays at 0)."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
-        if weight_decay is not None and g.get("apply_wd", True):
-            g["weight_decay"] = weight_decay
-
-
 def cancel_last_layer_grads(head: nn.Module, epoch: int, freeze_last_layer: int = 1,
                             name: str = "last_layer") -> int:
     """Drop the gradients of parameters named *last_layer* while epoch < freeze_last_layer

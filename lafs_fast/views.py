@@ -34,7 +34,7 @@ from torch import Tensor
 __all__ = [
     "ViewConfig", "LafsViews", "make_lafs_views", "normalize_uint8", "sample_crop_boxes",
     "crop_resize", "color_jitter", "adjust_hue", "gaussian_blur", "photometric_augment",
-    "landmark_view_index", "grid_landmarks",
+    "landmark_view_index",
 ]
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale
@@ -99,8 +99,9 @@ class LafsViews:
 
 # ----------------------------------------------------------------------------- helpers
 def normalize_uint8(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """uint8 [0, 255] -> float [-1, 1] as (x / 255 - 0.5) / 0.5 (the Part fViT input range)."""
-    return (images.to(dtype) / 255.0 - 0.5) / 0.5
+    """uint8 [0, 255] -> float [-1, 1] (the Part fViT input range); see data.to_model_input."""
+    from .data import to_model_input
+    return to_model_input(images, dtype)
 
 
 def _rand(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> Tensor:
@@ -401,17 +402,3 @@ def landmark_view_index(batch: int, num_landmarks: int, subset: Optional[int] = 
         r = torch.rand((batch, N), generator=generator, device=gdev)
         idx = r.argsort(dim=1)[:, :K].sort(dim=1).values
     return idx.to(device)
-
-
-def grid_landmarks(batch: int, image_size: int = 112, grid: int = 14, offset: float = 0.0,
-                   device=None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Fixed grid of grid x grid landmarks, (batch, grid*grid, 2), [..., 0] = x, [..., 1] = y.
-
-    Landmark r * grid + c (row-major, as ViT patch order) sits at pixel centre
-    ((c + 0.5) * S / grid + offset, (r + 0.5) * S / grid + offset). Under the landmark patch
-    convention (the patch centre is (lx - 1, ly - 1) in sample coordinates, LAFS_FACTS section 2)
-    offset=0.5 with patch size S / grid makes the patches tile the image pixel-exactly.
-    """
-    c = (torch.arange(grid, device=device, dtype=dtype) + 0.5) * (image_size / grid) + offset
-    y, x = torch.meshgrid(c, c, indexing="ij")
-    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1).expand(batch, -1, -1).contiguous()

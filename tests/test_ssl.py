@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lafs_fast.ssl import (DINOLoss, NonFiniteLossError, apply_schedules_,
+from lafs_fast.ssl import (DINOLoss, NonFiniteLossError, 
                            cancel_last_layer_grads, check_finite, cosine_schedule, ema_update_,
-                           lr_schedule, momentum_schedule, param_groups_for_adamw,
+                           lr_schedule, momentum_schedule,
                            teacher_temp_schedule, weight_decay_schedule)
 
 
@@ -182,17 +182,19 @@ class Tiny(nn.Module):
 
 
 def test_param_groups_no_decay():
+    from lafs_fast.train.common import param_groups, set_schedule
     m = Tiny()
-    groups = param_groups_for_adamw(m, 0.04)
-    decay, no_decay = ({id(p) for p in g["params"]} for g in groups)
-    assert decay == {id(m.proj.weight)}
-    assert no_decay == {id(m.cls_token), id(m.pos_embedding), id(m.proj.bias), id(m.norm.weight),
-                        id(m.norm.bias), id(m.extra)}
-    assert groups[0]["weight_decay"] == 0.04 and groups[1]["weight_decay"] == 0.0
+    groups = param_groups(m, 0.04)
+    by_wd = {0.04: set(), 0.0: set()}
+    for g in groups:
+        by_wd[g["weight_decay"]] |= {id(p) for p in g["params"]}
+    assert by_wd[0.04] == {id(m.proj.weight), id(m.extra)}
+    assert by_wd[0.0] == {id(m.cls_token), id(m.pos_embedding), id(m.proj.bias), id(m.norm.weight),
+                          id(m.norm.bias)}
     opt = torch.optim.AdamW(groups, lr=1.0)
-    apply_schedules_(opt, lr=0.5, weight_decay=0.3)
-    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
+    set_schedule(opt, lr=0.5, weight_decay=0.3)
+    assert all(g["lr"] == 0.5 for g in opt.param_groups)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.3}
 
 
 def test_cancel_last_layer_grads():

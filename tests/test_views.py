@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from lafs_fast.views import (BRIGHTNESS, CONTRAST, HUE, SATURATION, ViewConfig, adjust_hue,
-                             color_jitter, crop_resize, gaussian_blur, grid_landmarks,
+                             color_jitter, crop_resize, gaussian_blur, 
                              landmark_view_index, make_lafs_views, normalize_uint8,
                              sample_crop_boxes)
 
@@ -285,12 +285,3 @@ def test_index_reproducible():
 
 
 # ----------------------------------------------------------------------------- grid landmarks
-def test_grid_landmarks():
-    lm = grid_landmarks(2, image_size=112, grid=14)
-    assert lm.shape == (2, 196, 2) and lm.dtype == torch.float32
-    assert torch.equal(lm[0, 0], torch.tensor([4.0, 4.0]))
-    assert torch.equal(lm[0, 1], torch.tensor([12.0, 4.0]))       # x moves first (row-major)
-    assert torch.equal(lm[0, 14], torch.tensor([4.0, 12.0]))
-    assert torch.equal(lm[1, 195], torch.tensor([108.0, 108.0]))
-    assert torch.equal(grid_landmarks(1, 112, 14, offset=0.5)[0, 0], torch.tensor([4.5, 4.5]))
-    assert math.isclose(grid_landmarks(1, 16, 2)[0, 3, 0].item(), 12.0)

@@ -100,14 +100,6 @@ def set_schedule(optimizer, lr: float, weight_decay: Optional[float] = None) -> 
             g["weight_decay"] = weight_decay
 
 
-def warmup_cosine(step: int, total: int, warmup: int, base: float, final: float) -> float:
-    """Linear warm-up from 0 to base over `warmup` steps, then cosine to `final` at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return final + 0.5 * (base - final) * (1 + np.cos(np.pi * min(1.0, t)))
-
-
 # ----------------------------------------------------------------------------- logging
 class JsonlLogger:
     """Metrics as JSON lines (one object per line, flushed), plus wall time."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as C
+from .. import ssl
 from ..convert import save_model
 from ..models import create_model
 from ..models.heads import ArcFace, CosFace
@@ -155,7 +156,8 @@ def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
     opt = common.make_adamw(groups, cfg.lr, device)
     steps_per_epoch = len(data)
     total = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    lr_sched = ssl.cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, steps_per_epoch,
+                                   warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
     ring = common.CheckpointRing(cfg.out_dir, cfg.keep_checkpoints)
     logger = common.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
     step, start_epoch = 0, 0
@@ -190,7 +192,7 @@ def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
         for images, labels in data.epoch_batches(epoch, max(0, step - epoch * steps_per_epoch)):
             x = to_model_input(images.to(device, non_blocking=True))
             y = labels.to(device)
-            common.set_schedule(opt, common.warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr))
+            common.set_schedule(opt, float(lr_sched[step]))
             x = augment(x, cfg, gen)
             target = F.one_hot(y, data.num_classes).float()
             if cfg.mixup_prob > 0 and torch.rand((), generator=gen).item() < cfg.mixup_prob:

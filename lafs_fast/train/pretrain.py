@@ -159,10 +159,10 @@ def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
     opt = common.make_adamw(groups, cfg.lr, device)
     steps_per_epoch = len(data)
     total = cfg.epochs * steps_per_epoch
-    base_lr = cfg.lr * cfg.batch_size / 256
-    lr_sched = ssl.cosine_schedule(base_lr, cfg.min_lr, cfg.epochs, steps_per_epoch, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
-    wd_sched = ssl.cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch)
-    mom_sched = ssl.cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
+    lr_sched = ssl.lr_schedule(cfg.epochs, steps_per_epoch, cfg.batch_size, cfg.lr, cfg.min_lr,
+                               warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
+    wd_sched = ssl.weight_decay_schedule(cfg.epochs, steps_per_epoch, cfg.weight_decay, cfg.weight_decay_end)
+    mom_sched = ssl.momentum_schedule(cfg.epochs, steps_per_epoch, cfg.momentum_teacher)
     ring = common.CheckpointRing(cfg.out_dir, cfg.keep_checkpoints)
     logger = common.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
     gen = torch.Generator().manual_seed(cfg.seed + 1)

@@ -8,6 +8,11 @@
 
 namespace lafs_fast {
 
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+using std::floor;  // host builds: the unqualified calls below must find the std overloads
+using std::isfinite;
+#endif
+
 template <typename T>
 struct AxisTaps {
   int64_t i0;    // floor(coord); the taps are i0 and i0 + 1

@@ -49,6 +49,6 @@ def test_pretrain_step(benchmark, impl, with_data):
         sync()
         return loss
 
-    loss = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    loss = benchmark.pedantic(run, rounds=6, warmup_rounds=1)
     assert torch.isfinite(loss)
     benchmark.extra_info["images_per_s"] = round(BATCH / benchmark.stats.stats.median, 2)

@@ -31,8 +31,9 @@ VARIANTS = {
 
 def one(seed, shot, args, out):
     common = dict(seed=seed, progress=False, threads=args.threads)
-    sup = finetune.run(finetune.FinetuneConfig(**common, fewshot=shot, epochs=args.finetune_epochs,
-                                               batch_size=args.batch_size, out_dir=f"{out}/scratch"))
+    sup_kw = dict(fewshot=shot, epochs=args.finetune_epochs, batch_size=args.batch_size, lr=1e-3, scale=8.0,
+                  margin=0.1, weight_decay=0.05, mixup_prob=0.0)  # the pipeline's few-shot settings
+    sup = finetune.run(finetune.FinetuneConfig(**common, **sup_kw, out_dir=f"{out}/scratch"))
     rows = {"scratch": sup["eval"]}
     for name, kw in VARIANTS.items():
         extra = {"landmark_init": sup["checkpoint"]} if kw["landmarks"] == "cnn" else {}
@@ -40,8 +41,7 @@ def one(seed, shot, args, out):
             **common, **kw, **extra, epochs=args.pretrain_epochs, batch_size=30, n_local=4, out_dim=1024,
             head_hidden=512, head_bottleneck=256, out_dir=f"{out}/{name}_pre"))
         fin = finetune.run(finetune.FinetuneConfig(
-            **common, fewshot=shot, epochs=args.finetune_epochs, batch_size=args.batch_size,
-            init=pre["checkpoint"], landmark_init=sup["checkpoint"] if kw["landmarks"] == "cnn" else "",
+            **common, **sup_kw, init=pre["checkpoint"], landmark_init=sup["checkpoint"] if kw["landmarks"] == "cnn" else "",
             out_dir=f"{out}/{name}"))
         rows[name] = fin["eval"]
     return rows
@@ -70,8 +70,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--shots", default="1,2")
-    ap.add_argument("--finetune-epochs", type=int, default=60)
-    ap.add_argument("--pretrain-epochs", type=int, default=12)
+    ap.add_argument("--finetune-epochs", type=int, default=120)
+    ap.add_argument("--pretrain-epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out-dir", default="runs/orl_fewshot")

@@ -29,10 +29,15 @@ class PipelineConfig:
     dataset: str = C.field("orl", "data for every stage", choices=["orl", "recordio", "folder", "synthetic"])
     data_path: str = C.field("", "train.rec prefix / image folder (unused for orl)")
     fewshot: int = C.field(2, "images per identity for the supervised stages (0 = all)")
-    supervised_epochs: int = C.field(60, "epochs of stage 1 (few-shot supervised Part fViT)")
-    pretrain_epochs: int = C.field(12, "epochs of stage 2 (LAFS pretraining)")
-    finetune_epochs: int = C.field(60, "epochs of stage 3 (few-shot finetuning)")
+    supervised_epochs: int = C.field(120, "epochs of stage 1 (few-shot supervised Part fViT)")
+    pretrain_epochs: int = C.field(20, "epochs of stage 2 (LAFS pretraining)")
+    finetune_epochs: int = C.field(120, "epochs of stage 3 (few-shot finetuning)")
     batch_size: int = C.field(20, "images per step in stages 1 and 3")
+    lr: float = C.field(1e-3, "peak learning rate of stages 1 and 3")
+    scale: float = C.field(8.0, "CosFace scale s of stages 1 and 3 (tiny data wants a small s)")
+    margin: float = C.field(0.1, "CosFace margin m of stages 1 and 3")
+    weight_decay: float = C.field(0.05, "weight decay of stages 1 and 3")
+    mixup_prob: float = C.field(0.0, "mixup probability of stages 1 and 3")
     pretrain_batch_size: int = C.field(30, "faces per step in stage 2")
     n_local: int = C.field(4, "local views per face in stage 2")
     out_dim: int = C.field(1024, "DINO output dimension in stage 2")
@@ -55,10 +60,12 @@ def run(cfg: PipelineConfig) -> dict:
     out = lambda name: os.path.join(cfg.out_dir, name)  # noqa: E731
     common = dict(model=cfg.model, dataset=cfg.dataset, data_path=cfg.data_path, seed=cfg.seed,
                   threads=cfg.threads, device=cfg.device, progress=cfg.progress)
+    supervised = dict(fewshot=cfg.fewshot, batch_size=cfg.batch_size, lr=cfg.lr, scale=cfg.scale,
+                      margin=cfg.margin, weight_decay=cfg.weight_decay, mixup_prob=cfg.mixup_prob, eval=True)
     print(f"[1/4] supervised Part fViT ({cfg.fewshot}-shot) -> {out('1_supervised')}")
     sup = finetune.run(finetune.FinetuneConfig(
-        **common, fewshot=cfg.fewshot, epochs=cfg.supervised_epochs, batch_size=cfg.batch_size,
-        out_dir=out("1_supervised"), eval=True), log_prefix="1 supervised")
+        **common, **supervised, epochs=cfg.supervised_epochs, out_dir=out("1_supervised")),
+        log_prefix="1 supervised")
     print(f"[2/4] LAFS pretraining (no labels) -> {out('2_pretrain')}")
     pre = pretrain.run(pretrain.PretrainConfig(
         **common, landmarks="cnn", landmark_init=sup["checkpoint"], epochs=cfg.pretrain_epochs,
@@ -67,8 +74,8 @@ def run(cfg: PipelineConfig) -> dict:
         out_dir=out("2_pretrain")), log_prefix="2 pretrain")
     print(f"[3/4] few-shot finetuning from the LAFS teacher -> {out('3_finetune')}")
     fin = finetune.run(finetune.FinetuneConfig(
-        **common, fewshot=cfg.fewshot, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
-        init=pre["checkpoint"], landmark_init=sup["checkpoint"], out_dir=out("3_finetune"), eval=True),
+        **common, **supervised, epochs=cfg.finetune_epochs, init=pre["checkpoint"],
+        landmark_init=sup["checkpoint"], out_dir=out("3_finetune")),
         log_prefix="3 finetune")
     print("[4/4] held-out verification (ORL subjects 31-40: 450 genuine, 4500 impostor pairs)")
     reports = {"raw pixels (floor)": raw_pixel_orl(),

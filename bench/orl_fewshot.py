@@ -76,19 +76,18 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out-dir", default="runs/orl_fewshot")
     args = ap.parse_args(argv)
-    results = {}
+    results, floor = {}, raw_pixel_orl()
+    here = os.path.dirname(os.path.abspath(__file__))
     for seed in [int(s) for s in args.seeds.split(",")]:
         for shot in [int(s) for s in args.shots.split(",")]:
             for method, rep in one(seed, shot, args, f"{args.out_dir}/s{seed}_k{shot}").items():
                 results.setdefault((method, shot), []).append(flatten(rep))
-    floor = raw_pixel_orl()
-    md = table(results, floor)
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "orl_fewshot.json"), "w") as f:
-        json.dump({"args": vars(args), "floor": floor, "results": {f"{m}@{k}": v for (m, k), v in results.items()}},
-                  f, indent=1, default=float)
-    with open(os.path.join(here, "orl_fewshot.md"), "w") as f:
-        f.write(md + "\n")
+            md = table(results, floor)  # rewritten after every (seed, shot): partial runs still report
+            with open(os.path.join(here, "orl_fewshot.json"), "w") as f:
+                json.dump({"args": vars(args), "floor": floor,
+                           "results": {f"{m}@{k}": v for (m, k), v in results.items()}}, f, indent=1, default=float)
+            with open(os.path.join(here, "orl_fewshot.md"), "w") as f:
+                f.write(md + "\n")
     print(md)
 
 

@@ -555,31 +555,6 @@ def _patches_bwd_op_fn(grad_patches: Tensor, images: Tensor, landmarks: Tensor,
                               patch_size, perturb_std, seed, output_mask[0], output_mask[1])
 
 
-def _embed_fake(images, landmarks, weight, bias, index, patch_size, perturb_std, seed):
-    K = landmarks.shape[1] if index is None else index.shape[1]
-    return images.new_empty(images.shape[0], K, weight.shape[0])
-
-
-def _embed_bwd_fake(grad_out, images, landmarks, weight, index, patch_size, perturb_std, seed,
-                    output_mask):
-    pick = lambda t, m: t.new_empty(t.shape) if m else t.new_empty(0)  # noqa: E731
-    g_b = weight.new_empty(weight.shape[0]) if output_mask[3] else weight.new_empty(0)
-    return (pick(images, output_mask[0]), pick(landmarks, output_mask[1]),
-            pick(weight, output_mask[2]), g_b)
-
-
-def _patches_fake(images, landmarks, index, patch_size, perturb_std, seed):
-    K = landmarks.shape[1] if index is None else index.shape[1]
-    C = images.shape[1]
-    return images.new_empty(images.shape[0], K, patch_size * patch_size * C)
-
-
-def _patches_bwd_fake(grad_patches, images, landmarks, index, patch_size, perturb_std, seed,
-                      output_mask):
-    pick = lambda t, m: t.new_empty(t.shape) if m else t.new_empty(0)  # noqa: E731
-    return pick(images, output_mask[0]), pick(landmarks, output_mask[1])
-
-
 def _define(name, fn, fake):
     if _INTERPRET:
         op = torch.library.custom_op(name, fn, mutates_args=())
@@ -588,46 +563,20 @@ def _define(name, fn, fake):
     return torch.library.triton_op(name, fn, mutates_args=())
 
 
-def _embed_setup_context(ctx, inputs, output):
-    images, landmarks, weight, bias, index, patch_size, perturb_std, seed = inputs
-    ctx.save_for_backward(images, landmarks, weight, index)
-    ctx.args = (patch_size, perturb_std, seed)
-    ctx.has_bias = bias is not None
-
-
-def _embed_backward(ctx, grad_out):
-    images, landmarks, weight, index = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[2], need[3] and ctx.has_bias]
-    g = torch.ops.lafs_fast.landmark_patch_embed_triton_backward(
-        grad_out, images, landmarks, weight, index, *ctx.args, mask)
-    return tuple(gi if m else None for gi, m in zip(g, mask)) + (None,) * 4
-
-
-def _patches_setup_context(ctx, inputs, output):
-    images, landmarks, index, patch_size, perturb_std, seed = inputs
-    ctx.save_for_backward(images, landmarks, index)
-    ctx.args = (patch_size, perturb_std, seed)
-
-
-def _patches_backward(ctx, grad_patches):
-    images, landmarks, index = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    g_img, g_lm = torch.ops.lafs_fast.landmark_patches_triton_backward(
-        grad_patches, images, landmarks, index, *ctx.args, mask)
-    return (g_img if mask[0] else None, g_lm if mask[1] else None, None, None, None, None)
-
-
 # Registered once per process: not by the copy compile_all_for_sm90 loads in a subprocess, nor by
 # this file imported a second time under another module name.
 if not globals().get("_AOT_COPY", False) and not hasattr(torch.ops.lafs_fast,
                                                          "landmark_patch_embed_triton"):
-    _define("lafs_fast::landmark_patch_embed_triton", _embed_op_fn, _embed_fake
-            ).register_autograd(_embed_backward, setup_context=_embed_setup_context)
-    _define("lafs_fast::landmark_patch_embed_triton_backward", _embed_bwd_op_fn, _embed_bwd_fake)
-    _define("lafs_fast::landmark_patches_triton", _patches_op_fn, _patches_fake
-            ).register_autograd(_patches_backward, setup_context=_patches_setup_context)
-    _define("lafs_fast::landmark_patches_triton_backward", _patches_bwd_op_fn, _patches_bwd_fake)
+    from lafs_fast import ops as _ops  # the shared fake kernels and autograd glue
+
+    _setup, _backward = _ops.embed_autograd("landmark_patch_embed_triton_backward")
+    _define("lafs_fast::landmark_patch_embed_triton", _embed_op_fn, _ops.embed_fake
+            ).register_autograd(_backward, setup_context=_setup)
+    _define("lafs_fast::landmark_patch_embed_triton_backward", _embed_bwd_op_fn, _ops.embed_backward_fake)
+    _setup, _backward = _ops.patches_autograd("landmark_patches_triton_backward")
+    _define("lafs_fast::landmark_patches_triton", _patches_op_fn, _ops.patches_fake
+            ).register_autograd(_backward, setup_context=_setup)
+    _define("lafs_fast::landmark_patches_triton_backward", _patches_bwd_op_fn, _ops.patches_backward_fake)
 
 
 def landmark_patch_embed_triton(images: Tensor, landmarks: Tensor, weight: Tensor,

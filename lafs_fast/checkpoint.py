@@ -198,20 +198,7 @@ def _cnn_width(sd: dict[str, Tensor]) -> float:
 
 def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, Tensor], what: str) -> None:
     """load_state_dict(strict=True) with messages in release names and shapes side by side."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    bad = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
-           if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        msg = [f"{what} does not fit the model:"]
-        if missing:
-            msg.append(f"  missing {len(missing)}: {[_release_name(k) for k in missing[:6]]}")
-        if unexpected:
-            msg.append(f"  unexpected {len(unexpected)}: {[_release_name(k) for k in unexpected[:6]]}")
-        for k, got, want in bad[:6]:
-            msg.append(f"  {_release_name(k)}: checkpoint {got} vs model {want}")
-        raise CheckpointError("\n".join(msg))
+    _check_part(model.state_dict(), sd, "", what)
     model.load_state_dict(sd, strict=True)
 
 

@@ -300,72 +300,80 @@ teacher_student_embed.register_autograd(_ts_backward, setup_context=_ts_setup_co
 
 
 # ----------------------------------------------------------------------------- autograd + fake
-def _embed_setup_context(ctx, inputs, output):
-    images, landmarks, weight, bias, index, patch_size, perturb_std, seed = inputs
-    ctx.save_for_backward(images, landmarks, weight, index)
-    ctx.args = (patch_size, perturb_std, seed)
-    ctx.has_bias = bias is not None
+# Shared by every backend that registers an op pair with these schemas (C++ here, Triton in
+# lafs_fast.kernels): a forward op and a backward op taking (grad, inputs..., output_mask).
+def embed_autograd(backward_op: str):
+    """(setup_context, backward) for a landmark_patch_embed-style op whose backward is `backward_op`."""
+    def setup_context(ctx, inputs, output):
+        images, landmarks, weight, bias, index, patch_size, perturb_std, seed = inputs
+        ctx.save_for_backward(images, landmarks, weight, index)
+        ctx.args = (patch_size, perturb_std, seed)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_out):
+        images, landmarks, weight, index = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], need[3] and ctx.has_bias]
+        grads = getattr(torch.ops.lafs_fast, backward_op)(
+            grad_out.contiguous(), images, landmarks, weight, index, *ctx.args, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 4
+
+    return setup_context, backward
 
 
-def _embed_backward(ctx, grad_out):
-    images, landmarks, weight, index = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[2], need[3] and ctx.has_bias]
-    g_img, g_lm, g_w, g_b = torch.ops.lafs_fast.landmark_patch_embed_backward(
-        grad_out.contiguous(), images, landmarks, weight, index, *ctx.args, mask)
-    pick = lambda g, m: g if m else None  # noqa: E731
-    return (pick(g_img, mask[0]), pick(g_lm, mask[1]), pick(g_w, mask[2]), pick(g_b, mask[3]),
-            None, None, None, None)
+def patches_autograd(backward_op: str):
+    """(setup_context, backward) for a landmark_patches-style op whose backward is `backward_op`."""
+    def setup_context(ctx, inputs, output):
+        images, landmarks, index, patch_size, perturb_std, seed = inputs
+        ctx.save_for_backward(images, landmarks, index)
+        ctx.args = (patch_size, perturb_std, seed)
 
+    def backward(ctx, grad_patches):
+        images, landmarks, index = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+        grads = getattr(torch.ops.lafs_fast, backward_op)(
+            grad_patches.contiguous(), images, landmarks, index, *ctx.args, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 4
 
-def _patches_setup_context(ctx, inputs, output):
-    images, landmarks, index, patch_size, perturb_std, seed = inputs
-    ctx.save_for_backward(images, landmarks, index)
-    ctx.args = (patch_size, perturb_std, seed)
-
-
-def _patches_backward(ctx, grad_patches):
-    images, landmarks, index = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1]]
-    g_img, g_lm = torch.ops.lafs_fast.landmark_patches_backward(
-        grad_patches.contiguous(), images, landmarks, index, *ctx.args, mask)
-    return (g_img if mask[0] else None, g_lm if mask[1] else None, None, None, None, None)
+    return setup_context, backward
 
 
 def _slots(landmarks, index):
     return landmarks.shape[1] if index is None else index.shape[1]
 
 
-def _embed_fake(images, landmarks, weight, bias, index, patch_size, perturb_std, seed):
+def _grad_like(t, wanted):
+    """A masked-out gradient comes back as an empty tensor (the backward ops' convention)."""
+    return t.new_empty(t.shape) if wanted else t.new_empty(0)
+
+
+def embed_fake(images, landmarks, weight, bias, index, patch_size, perturb_std, seed):
     return images.new_empty(images.shape[0], _slots(landmarks, index), weight.shape[0])
 
 
-def _embed_backward_fake(grad_out, images, landmarks, weight, index, patch_size, perturb_std, seed,
-                         output_mask):
-    empty = lambda t, m: t.new_empty(t.shape) if m else t.new_empty(0)  # noqa: E731
+def embed_backward_fake(grad_out, images, landmarks, weight, index, patch_size, perturb_std, seed,
+                        output_mask):
     g_b = weight.new_empty(weight.shape[0]) if output_mask[3] else weight.new_empty(0)
-    return (empty(images, output_mask[0]), empty(landmarks, output_mask[1]),
-            empty(weight, output_mask[2]), g_b)
+    return (_grad_like(images, output_mask[0]), _grad_like(landmarks, output_mask[1]),
+            _grad_like(weight, output_mask[2]), g_b)
 
 
-def _patches_fake(images, landmarks, index, patch_size, perturb_std, seed):
+def patches_fake(images, landmarks, index, patch_size, perturb_std, seed):
     B, C = images.shape[:2]
     return images.new_empty(B, _slots(landmarks, index), patch_size * patch_size * C)
 
 
-def _patches_backward_fake(grad_patches, images, landmarks, index, patch_size, perturb_std, seed,
-                           output_mask):
-    empty = lambda t, m: t.new_empty(t.shape) if m else t.new_empty(0)  # noqa: E731
-    return empty(images, output_mask[0]), empty(landmarks, output_mask[1])
+def patches_backward_fake(grad_patches, images, landmarks, index, patch_size, perturb_std, seed,
+                          output_mask):
+    return _grad_like(images, output_mask[0]), _grad_like(landmarks, output_mask[1])
 
 
 if HAS_EXTENSION:
-    torch.library.register_fake("lafs_fast::landmark_patch_embed")(_embed_fake)
-    torch.library.register_fake("lafs_fast::landmark_patch_embed_backward")(_embed_backward_fake)
-    torch.library.register_fake("lafs_fast::landmark_patches")(_patches_fake)
-    torch.library.register_fake("lafs_fast::landmark_patches_backward")(_patches_backward_fake)
-    torch.library.register_autograd("lafs_fast::landmark_patch_embed", _embed_backward,
-                                    setup_context=_embed_setup_context)
-    torch.library.register_autograd("lafs_fast::landmark_patches", _patches_backward,
-                                    setup_context=_patches_setup_context)
+    torch.library.register_fake("lafs_fast::landmark_patch_embed")(embed_fake)
+    torch.library.register_fake("lafs_fast::landmark_patch_embed_backward")(embed_backward_fake)
+    torch.library.register_fake("lafs_fast::landmark_patches")(patches_fake)
+    torch.library.register_fake("lafs_fast::landmark_patches_backward")(patches_backward_fake)
+    _setup, _backward = embed_autograd("landmark_patch_embed_backward")
+    torch.library.register_autograd("lafs_fast::landmark_patch_embed", _backward, setup_context=_setup)
+    _setup, _backward = patches_autograd("landmark_patches_backward")
+    torch.library.register_autograd("lafs_fast::landmark_patches", _backward, setup_context=_setup)

@@ -3,6 +3,7 @@ decay, metrics as JSON lines, rotating atomic checkpoints, landmark pictures."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -14,6 +15,37 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import nn
+
+from .. import config as C
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Options every training command shares: data source, machine, output, reproducibility."""
+    dataset: str = C.field("orl", "training data", choices=["orl", "recordio", "folder", "synthetic"])
+    data_path: str = C.field("", "train.rec prefix / image folder (unused for orl, synthetic)")
+    amp: str = C.field("auto", "mixed precision: auto = bf16 on CUDA, none on CPU",
+                       choices=["auto", "none", "bf16", "fp16"])
+    device: str = C.field("auto", "cpu, cuda, cuda:N or auto")
+    workers: int = C.field(2, "DataLoader workers (decoding); ORL is in memory and needs none")
+    threads: int = C.field(0, "torch CPU threads (0 = torch's default)")
+    out_dir: str = C.field("runs/train", "where checkpoints, metrics.jsonl and pictures go")
+    keep_checkpoints: int = C.field(3, "checkpoints kept (oldest removed)")
+    resume: bool = C.field(False, "continue from the newest checkpoint in out_dir")
+    seed: int = C.field(0, "random seed (data order, augmentation, init)")
+    log_every: int = C.field(10, "steps between metric lines")
+    progress: bool = C.field(True, "show a progress bar")
+
+
+def setup_run(cfg: RunConfig) -> tuple[torch.device, str]:
+    """Device, CPU threads, output folder and seeds of a run; returns (device, amp mode)."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
+    ensure_writable_dir(cfg.out_dir)
+    seed_everything(cfg.seed)
+    return device, amp
 
 
 def seed_everything(seed: int) -> None:

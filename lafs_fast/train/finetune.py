@@ -28,8 +28,9 @@ from .data_setup import build_train_data, evaluate_model
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(common.RunConfig):
     """Supervised Part fViT training / finetuning (CosFace or ArcFace)."""
+    out_dir: str = C.field("runs/finetune", "where checkpoints, metrics.jsonl and pictures go")
     model: str = C.field("part_fvit_tiny", "model preset (part_fvit_tiny, part_fvit_s, part_fvit_b)")
     landmarks: str = C.field("cnn", "landmarks from the landmark CNN, or a fixed grid (plain fViT)",
                              choices=["cnn", "grid"])
@@ -37,8 +38,6 @@ class FinetuneConfig:
                             "an official release file (its ViT; DINO heads are dropped)")
     landmark_init: str = C.field("", "checkpoint whose landmark CNN initialises ours (and is the "
                                      "frozen reference of the drift regulariser)")
-    dataset: str = C.field("orl", "training data", choices=["orl", "recordio", "folder", "synthetic"])
-    data_path: str = C.field("", "train.rec prefix / image folder (unused for orl, synthetic)")
     fewshot: int = C.field(0, "images per identity (seeded random choice); 0 = all")
     epochs: int = C.field(40, "training epochs")
     batch_size: int = C.field(32, "images per step")
@@ -60,20 +59,9 @@ class FinetuneConfig:
     mixup_prob: float = C.field(0.1, "probability that a batch is mixed")
     crop_scale: float = C.field(0.9, "random resized crop minimum area (max 1)")
     erase_prob: float = C.field(0.1, "random erasing probability per image")
-    amp: str = C.field("auto", "mixed precision: auto = bf16 on CUDA, none on CPU",
-                       choices=["auto", "none", "bf16", "fp16"])
-    device: str = C.field("auto", "cpu, cuda, cuda:N or auto")
-    workers: int = C.field(2, "DataLoader workers (decoding); ORL is in memory and needs none")
-    threads: int = C.field(0, "torch CPU threads (0 = torch's default)")
-    out_dir: str = C.field("runs/finetune", "where checkpoints, metrics.jsonl and pictures go")
     checkpoint_every: int = C.field(0, "steps between checkpoints (0 = each epoch end)")
-    keep_checkpoints: int = C.field(3, "checkpoints kept (oldest removed)")
-    resume: bool = C.field(False, "continue from the newest checkpoint in out_dir")
-    seed: int = C.field(0, "random seed (data order, augmentation, init)")
     eval: bool = C.field(True, "evaluate on held-out pairs at the end")
     stop_after: int = C.field(0, "stop after this many steps, schedule unchanged (0 = run to the end)")
-    log_every: int = C.field(10, "steps between metric lines")
-    progress: bool = C.field(True, "show a progress bar")
 
     def validate(self):
         C.require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -134,12 +122,7 @@ def build_model(cfg: FinetuneConfig, device):
 
 
 def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
-    device = common.resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
-    common.ensure_writable_dir(cfg.out_dir)
-    common.seed_everything(cfg.seed)
+    device, amp = common.setup_run(cfg)
     data = build_train_data(cfg.dataset, cfg.data_path, cfg.fewshot, cfg.seed, cfg.batch_size, cfg.workers)
     model = build_model(cfg, device)
     Head = CosFace if cfg.loss == "cosface" else ArcFace

@@ -35,14 +35,13 @@ from .data_setup import build_train_data
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(common.RunConfig):
     """LAFS pretraining (self-supervised, DINO-style, on unlabeled faces)."""
+    out_dir: str = C.field("runs/pretrain", "where checkpoints, metrics.jsonl and pictures go")
     model: str = C.field("part_fvit_tiny", "backbone preset")
     landmarks: str = C.field("cnn", "cnn: a frozen landmark CNN from --landmark-init; grid: the "
                                     "fixed grid (DINO-on-fViT baseline)", choices=["cnn", "grid"])
     landmark_init: str = C.field("", "checkpoint holding the supervised landmark CNN (required for cnn)")
-    dataset: str = C.field("orl", "unlabeled faces", choices=["orl", "recordio", "folder", "synthetic"])
-    data_path: str = C.field("", "train.rec prefix / image folder (unused for orl, synthetic)")
     epochs: int = C.field(20, "epochs")
     batch_size: int = C.field(32, "faces per step (each gives 2 global + n_local views)")
     n_local: int = C.field(8, "local views per face")
@@ -65,16 +64,6 @@ class PretrainConfig:
     student_temp: float = C.field(0.1, "student temperature")
     freeze_last_layer: int = C.field(1, "epochs with the head's last layer frozen")
     clip_grad: float = C.field(3.0, "gradient-norm clip (0 = off)")
-    amp: str = C.field("auto", "mixed precision: auto = bf16 on CUDA", choices=["auto", "none", "bf16", "fp16"])
-    device: str = C.field("auto", "cpu, cuda, cuda:N or auto")
-    workers: int = C.field(2, "DataLoader workers")
-    threads: int = C.field(0, "torch CPU threads (0 = default)")
-    out_dir: str = C.field("runs/pretrain", "checkpoints, metrics.jsonl")
-    keep_checkpoints: int = C.field(3, "checkpoints kept")
-    resume: bool = C.field(False, "continue from the newest checkpoint in out_dir")
-    seed: int = C.field(0, "random seed")
-    log_every: int = C.field(10, "steps between metric lines")
-    progress: bool = C.field(True, "show a progress bar")
     backend: str = C.field("auto", "op backend", choices=list(ops.BACKENDS))
 
     def validate(self):
@@ -144,12 +133,7 @@ class LafsPretrainer(nn.Module):
 
 
 def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
-    device = common.resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
-    common.ensure_writable_dir(cfg.out_dir)
-    common.seed_everything(cfg.seed)
+    device, amp = common.setup_run(cfg)
     data = build_train_data(cfg.dataset, cfg.data_path, 0, cfg.seed, cfg.batch_size, cfg.workers)
     net = LafsPretrainer(cfg).to(device)
     vcfg = views.ViewConfig(size=net.student.image_size, n_local=cfg.n_local, photometric=cfg.photometric)

@@ -30,4 +30,14 @@ TORCH_LIBRARY(lafs_fast, m) {
       "landmark_patches_backward(Tensor grad_patches, Tensor images, Tensor landmarks, "
       "Tensor? index, int patch_size, float perturb_std, int seed, bool[2] output_mask) "
       "-> (Tensor, Tensor)");
+  // x * keep / (1 - p) with keep drawn per element from Philox keyed by (seed, flat index):
+  // the backward is the same op on grad_out (lafs_fast/dropout.py).
+  m.def("philox_dropout(Tensor x, float p, int seed) -> Tensor");
+  // LAFS photometric augmentation of views x (N, 3, H, W) in [-1, 1] with already-drawn
+  // per-sample parameters (lafs_fast/views.py::photometric_augment draws them; semantics:
+  // views.apply_photometric_reference). Returns a new contiguous tensor.
+  m.def(
+      "photometric_augment(Tensor x, Tensor factors, Tensor order, Tensor jitter, "
+      "Tensor grayscale, Tensor blur_sigma, Tensor blur, Tensor solarize, float sigma_max, "
+      "float solarize_threshold) -> Tensor");
 }

@@ -73,6 +73,31 @@ def landmark_noise(seed: int, batch: int, slots: int, device=None) -> Tensor:
     return torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
 
 
+DROPOUT_STREAM = 0x64726F70  # "drop": the 4th counter word of dropout draws (landmark noise uses 0)
+
+
+def dropout_keep_mask(numel: int, p: float, seed: int, device=None) -> Tensor:
+    """Keep mask (numel,) bool of lafs_fast's counter-based dropout. Philox block j =
+    Philox4x32-10(key = seed, counter = (j lo, j hi, 0, DROPOUT_STREAM)) gives 8 elements 16 bits
+    each: element i reads half (i % 2) (low half first) of word ((i // 2) % 4) of block i // 8 and
+    is kept iff those bits >= round(p * 2^16) (p quantised to 2^-16: <= 7.6e-6 off for any p).
+    Kept values are scaled by 1 / (1 - p)."""
+    blocks = torch.arange((numel + 7) // 8, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x32(seed, blocks & _MASK32, blocks >> 32, torch.zeros_like(blocks),
+                                   torch.full_like(blocks, DROPOUT_STREAM)), dim=1)      # (blocks, 4)
+    halves = torch.stack([words & 0xFFFF, words >> 16], dim=2).reshape(-1)[:numel]
+    return halves >= int(round(p * 65536.0))
+
+
+def dropout(x: Tensor, p: float, seed: int) -> Tensor:
+    """The oracle of torch.ops.lafs_fast.philox_dropout (float64 arithmetic for float64 inputs,
+    float otherwise)."""
+    keep = dropout_keep_mask(x.numel(), p, seed, x.device).view(x.shape)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=acc)
+    return torch.where(keep, x.to(acc) * scale, torch.zeros((), dtype=acc)).to(x.dtype)
+
+
 def compute_dtype(images: Tensor) -> torch.dtype:
     return torch.float64 if images.dtype == torch.float64 else torch.float32
 

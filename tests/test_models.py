@@ -210,7 +210,7 @@ def count(m, cnn):
 
 
 def test_registry_presets_and_errors():
-    assert list_models() == ["part_fvit_b", "part_fvit_s", "part_fvit_tiny"]
+    assert list_models() == ["part_fvit_b", "part_fvit_mini", "part_fvit_s", "part_fvit_tiny"]
     with torch.device("meta"):
         b = create_model("part_fvit_b")
         s = create_model("part_fvit_s")

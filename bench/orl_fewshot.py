@@ -11,7 +11,11 @@ accuracy, AUC, TAR@FAR=1e-3, mean and spread over seeds. Writes bench/orl_fewsho
 markdown table (bench/orl_fewshot.md).
 
     python bench/orl_fewshot.py --seeds 0,1,2 --shots 1,2      # about 20 min per (seed, shot)
+
+Seeds can run in parallel processes (one core each): give each a --tag (it then writes
+bench/orl_fewshot_<tag>.json) and combine them with `python bench/orl_fewshot.py --merge`.
 """
+import glob
 import argparse
 import json
 import os
@@ -75,19 +79,43 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out-dir", default="runs/orl_fewshot")
+    ap.add_argument("--tag", default="", help="write bench/orl_fewshot_<tag>.json (parallel runs)")
+    ap.add_argument("--merge", action="store_true", help="combine bench/orl_fewshot*.json into the table")
     args = ap.parse_args(argv)
-    results, floor = {}, raw_pixel_orl()
     here = os.path.dirname(os.path.abspath(__file__))
+    if args.merge:
+        return merge(here)
+    results, floor = {}, raw_pixel_orl()
+    name = f"orl_fewshot_{args.tag}" if args.tag else "orl_fewshot"
     for seed in [int(s) for s in args.seeds.split(",")]:
         for shot in [int(s) for s in args.shots.split(",")]:
             for method, rep in one(seed, shot, args, f"{args.out_dir}/s{seed}_k{shot}").items():
                 results.setdefault((method, shot), []).append(flatten(rep))
             md = table(results, floor)  # rewritten after every (seed, shot): partial runs still report
-            with open(os.path.join(here, "orl_fewshot.json"), "w") as f:
+            with open(os.path.join(here, name + ".json"), "w") as f:
                 json.dump({"args": vars(args), "floor": floor,
                            "results": {f"{m}@{k}": v for (m, k), v in results.items()}}, f, indent=1, default=float)
-            with open(os.path.join(here, "orl_fewshot.md"), "w") as f:
+            with open(os.path.join(here, name + ".md"), "w") as f:
                 f.write(md + "\n")
+    print(md)
+
+
+def merge(here):
+    """One table from every bench/orl_fewshot*.json (runs with the same budget only)."""
+    results, floor, budget = {}, None, None
+    for path in sorted(glob.glob(os.path.join(here, "orl_fewshot*.json"))):
+        with open(path) as f:
+            run = json.load(f)
+        b = {k: run["args"][k] for k in ("finetune_epochs", "pretrain_epochs", "batch_size")}
+        if budget is not None and b != budget:
+            raise SystemExit(f"{path}: budget {b} differs from {budget}: not mergeable")
+        budget, floor = b, run["floor"]
+        for key, rows in run["results"].items():
+            m, k = key.rsplit("@", 1)
+            results.setdefault((m, int(k)), []).extend(rows)
+    md = table(results, floor)
+    with open(os.path.join(here, "orl_fewshot.md"), "w") as f:
+        f.write(md + "\n")
     print(md)
 
 

@@ -221,3 +221,33 @@ def test_registry_presets_and_errors():
     assert t.num_landmarks == 49 and t.landmark_cnn is None
     with pytest.raises(ValueError, match="part_fvit_b"):
         create_model("vit_huge")
+
+
+def test_fold_batchnorm_keeps_the_function():
+    torch.manual_seed(0)
+    cnn = LandmarkCNN(49, 112, width=0.5)
+    for m in cnn.modules():  # non-trivial running statistics, as a trained CNN has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    cnn.eval()
+    x = torch.rand(3, 3, 112, 112) * 2 - 1
+    ref = cnn.raw(x)
+    folded = copy.deepcopy(cnn).fold_batchnorm_()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    # float32 rounding of w * gamma / sqrt(var + eps) over ~50 layers: ~1e-5 relative
+    torch.testing.assert_close(folded.raw(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    with pytest.raises(RuntimeError, match="eval mode"):
+        LandmarkCNN(49, 112, width=0.5).fold_batchnorm_()
+
+
+def test_unfused_attention_is_the_same_maths():
+    torch.manual_seed(0)
+    m = create_model("part_fvit_tiny", landmarks="grid").eval()
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    a = m(x)
+    for mod in m.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+    torch.testing.assert_close(m(x), a, rtol=1e-5, atol=1e-5)

@@ -40,7 +40,10 @@ def save_checkpoint(path: str, state: dict) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict, got {type(state).__name__}")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:  # e.g. a path under a regular file
+        raise OSError(e.errno, f"cannot create the folder of checkpoint {path}: {e.strerror}") from None
     fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -111,6 +114,9 @@ def _strip(key: str) -> str:
 def _official_state_dict(obj: dict, what: str) -> dict[str, Tensor]:
     """The backbone state dict of a release checkpoint: a plain state dict, or a DINO dict
     (teacher preferred: finetuning starts from it), prefixes stripped."""
+    if str(obj.get("format", "")).startswith("lafs_fast."):
+        raise CheckpointError(f"{what} is already in lafs_fast format ({obj['format']}), not a release "
+                              "checkpoint: load it with lafs_fast.convert.load_model")
     if "teacher" in obj or "student" in obj:
         sd = obj.get("teacher") or obj["student"]
     elif isinstance(obj.get("model"), dict):
@@ -239,9 +245,8 @@ def load_official(path: str, landmark_cnn_path: Optional[str] = None) -> PartFVi
 
 
 # ----------------------------------------------------------------------------- partial loading
-def _any_state_dict(path: str) -> dict[str, Tensor]:
+def _any_state_dict(obj: dict, path: str) -> dict[str, Tensor]:
     """lafs_fast names from either format: {'model', 'config'} (ours) or a release checkpoint."""
-    obj = load_checkpoint(path)
     if isinstance(obj.get("model"), dict) and "config" in obj:
         return dict(obj["model"])
     return map_official_keys(_official_state_dict(obj, path), path)
@@ -253,19 +258,34 @@ def load_backbone_into(model: PartFViT, path: str, part: str = "vit") -> None:
     classifier dropped); part='landmark_cnn' -> only the landmark CNN. Strict within the part."""
     if part not in ("vit", "landmark_cnn"):
         raise ValueError(f"part must be 'vit' or 'landmark_cnn', got {part!r}")
-    sd = _any_state_dict(path)
-    if part == "landmark_cnn":
-        if model.landmark_cnn is None:
-            raise ValueError("part='landmark_cnn' but the model uses a fixed grid (landmarks='grid')")
-        sub = {k[len("landmark_cnn."):]: v for k, v in sd.items() if k.startswith("landmark_cnn.")}
-        if not sub:
-            raise CheckpointError(f"{path} holds no landmark CNN (stn.* / output_layer.*)")
-        _load_prefixed(model.landmark_cnn, sub, "landmark_cnn.", path)
-    else:
-        sub = {k: v for k, v in sd.items() if not k.startswith("landmark_cnn.")}
-        target = {k: v for k, v in model.state_dict().items() if not k.startswith("landmark_cnn.")}
-        _check_part(target, sub, "", path)
-        model.load_state_dict(sub, strict=False)
+    obj = load_checkpoint(path)
+    sd = _any_state_dict(obj, path)
+    try:
+        if part == "landmark_cnn":
+            if model.landmark_cnn is None:
+                raise ValueError("part='landmark_cnn' but the model uses a fixed grid (landmarks='grid')")
+            sub = {k[len("landmark_cnn."):]: v for k, v in sd.items() if k.startswith("landmark_cnn.")}
+            if not sub:
+                raise CheckpointError(f"{path} holds no landmark CNN (stn.* / output_layer.*)")
+            _load_prefixed(model.landmark_cnn, sub, "landmark_cnn.", path)
+        else:
+            sub = {k: v for k, v in sd.items() if not k.startswith("landmark_cnn.")}
+            target = {k: v for k, v in model.state_dict().items() if not k.startswith("landmark_cnn.")}
+            _check_part(target, sub, "", path)
+            model.load_state_dict(sub, strict=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{_config_difference(obj, model)}") from None
+
+
+def _config_difference(obj: dict, model: torch.nn.Module) -> str:
+    """For a misfit: how the checkpoint's recorded model config (ours only) differs from the
+    model's, e.g. a checkpoint of another preset."""
+    theirs, ours = obj.get("model_config") or obj.get("config"), getattr(model, "config", None)
+    if not isinstance(theirs, dict) or not isinstance(ours, dict):
+        return ""
+    diff = [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in ours if k in theirs and theirs[k] != ours[k]]
+    return ("\n  the checkpoint was made for another model (another preset?): checkpoint vs model: "
+            + ", ".join(diff)) if diff else ""
 
 
 def _check_part(own: dict, sd: dict, prefix: str, what: str) -> None:
@@ -295,7 +315,7 @@ def load_landmark_cnn(path: str, image_size: int = 112):
     obj = load_checkpoint(path)
     if isinstance(obj.get("config"), dict):
         image_size = int(obj["config"].get("image_size", image_size))
-    sd = _any_state_dict(path)
+    sd = _any_state_dict(obj, path)
     sub = {k[len("landmark_cnn."):]: v for k, v in sd.items() if k.startswith("landmark_cnn.")}
     if "output_layer.1.weight" not in sub or "features.0.0.weight" not in sub:
         raise CheckpointError(f"{path} holds no landmark CNN (stn.* / output_layer.*)")

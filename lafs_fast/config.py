@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 def from_namespace(cls: type[T], ns: argparse.Namespace, parser: argparse.ArgumentParser) -> T:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     values: dict[str, Any] = {}
     path = getattr(ns, "_config", None)
     if path:
@@ -76,17 +77,27 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, parser: argparse.Argume
                 loaded = yaml.safe_load(fh) or {}
         except OSError as e:
             parser.error(f"--config: cannot read {path}: {e.strerror}")
+        except yaml.YAMLError as e:
+            parser.error(f"--config: {path} is not valid YAML: {' '.join(str(e).split())}")
         if not isinstance(loaded, dict):
             parser.error(f"--config: {path} must hold a mapping of option: value")
         for key, value in loaded.items():
-            name = key.replace("-", "_")
+            name = str(key).replace("-", "_")
             if name not in names:
                 parser.error(f"--config: unknown option {key!r} in {path}")
-            if value is not None and not isinstance(value, (list, bool)):
-                try:
-                    value = _converter(hints[name])(value)
-                except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-                    parser.error(f"--config: bad value for {key!r}: {e}")
+            # Through the flag's own parser, as text: `epochs: 2.5`, `epochs: true` or an empty
+            # `epochs:` is an error, as `--epochs 2.5` is, not a silent int(2.5), True or None.
+            if isinstance(value, (list, tuple)):
+                text = ",".join(map(str, value))
+            else:
+                text = "" if value is None else str(value)
+            try:
+                value = _converter(hints[name])(text)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                parser.error(f"--config: bad value for {key!r}: {e}")
+            choices = fields[name].metadata.get("choices")
+            if choices and value not in choices:
+                parser.error(f"--config: {key!r} must be one of {list(choices)}, got {value!r}")
             values[name] = value
     values.update({k: v for k, v in vars(ns).items() if k in names})
     cfg = cls(**values)

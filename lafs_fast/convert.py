@@ -28,7 +28,13 @@ def load_model(path: str, map_location="cpu") -> PartFViT:
     if "model" not in obj or "config" not in obj:
         raise CheckpointError(f"{path} is not in lafs_fast format (needs 'model' and 'config'; "
                               "for a release checkpoint use lafs_fast.checkpoint.load_official)")
-    model = PartFViT(**obj["config"])
+    if not isinstance(obj["config"], dict) or not isinstance(obj["model"], dict):
+        raise CheckpointError(f"{path}: 'config' and 'model' must be dicts, got "
+                              f"{type(obj['config']).__name__} and {type(obj['model']).__name__}")
+    try:
+        model = PartFViT(**obj["config"])
+    except (TypeError, ValueError) as e:  # a config of another version, or edited by hand
+        raise CheckpointError(f"{path}: its config does not build a PartFViT ({e}): {obj['config']}") from e
     try:
         model.load_state_dict(obj["model"], strict=True)
     except RuntimeError as e:
@@ -48,7 +54,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    save_model(model, args.output, source=args.input)
+    try:
+        save_model(model, args.output, source=args.input)
+    except OSError as e:  # atomic: an existing output file is left as it was
+        print(f"error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output}: {n / 1e6:.2f} M parameters, config {model.config}")
     return 0

@@ -85,8 +85,9 @@ def check_patch_inputs(images: Tensor, landmarks: Tensor, index: Optional[Tensor
         if index.device != images.device:
             raise ValueError(f"index is on {index.device} but images on {images.device}")
         N = landmarks.shape[1]
-        # Data-dependent (a host sync on CUDA); skipped while torch.compile traces.
-        if index.numel() and not torch.compiler.is_compiling():
+        # Data-dependent (a host sync on CUDA); skipped while torch.compile traces and for meta
+        # tensors (shape-only runs), which hold no values to check.
+        if index.numel() and index.device.type != "meta" and not torch.compiler.is_compiling():
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= N:
                 raise ValueError(f"index values must lie in [0, {N}) (N landmarks), got [{lo}, {hi}]")
@@ -122,13 +123,26 @@ def resolve_seed(seed: Optional[int], perturb_std: float) -> int:
     return seed
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, needs_image_grad: Optional[bool] = None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("LAFS_FAST_BACKEND", "auto") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"LAFS_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        # The CUDA and Triton kernels sum the IMAGE gradient with atomics (run-to-run rounding
+        # differences); their forward, landmark, weight and bias gradients are deterministic.
+        # Under torch.use_deterministic_algorithms, a call whose backward may need the image
+        # gradient (grad mode on; needs_image_grad None = unknown) goes to the reference ops,
+        # whose gather backward torch makes deterministic. Cost: no fusion, the patches
+        # materialised and kept for backward (B*K*P*P*C values per call), several times the
+        # fused op's time (3.6x its forward on CPU; on GPU not measured yet). Callers that pass
+        # needs_image_grad=images.requires_grad keep the fused kernels whenever images need no
+        # gradient, which is every training step (images are inputs). An explicit backend is
+        # honoured as asked.
+        if needs_image_grad or (needs_image_grad is None and torch.is_grad_enabled()):
+            return "reference"
     if backend == "auto":
         wanted = "cuda" if device.type == "cuda" else "cpu"
         if has_kernel("landmark_patch_embed", wanted.upper()):
@@ -258,7 +272,10 @@ def teacher_student_embed(images: Tensor, landmarks: Tensor, student_weight: Ten
                           teacher_bias if teacher_bias is not None else zeros(teacher_weight)])
     with torch.no_grad():
         out = _embed(backend, images, landmarks, weight, bias, None, patch_size, perturb_std, seed)
-    return out[..., :Ds].contiguous(), out[..., Ds:].contiguous()
+    # clone, not contiguous(): a slice that is already contiguous (an empty batch, a zero-width
+    # teacher) would come back as a view, and a custom op's outputs must not alias.
+    return (out[..., :Ds].clone(memory_format=torch.contiguous_format),
+            out[..., Ds:].clone(memory_format=torch.contiguous_format))
 
 
 @teacher_student_embed.register_fake

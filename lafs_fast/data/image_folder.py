@@ -72,18 +72,65 @@ def encode_image(img: Tensor, encoding: str = "png", quality: int = 95) -> bytes
 
 def read_image_file(path: str, image_size: Optional[int] = None) -> Tensor:
     with open(path, "rb") as f:
-        return decode_image_bytes(f.read(), image_size)
+        data = f.read()
+    try:
+        return decode_image_bytes(data, image_size)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
-class ImageFolderDataset(Dataset):
+class SkipCorrupt:
+    """Item access that survives bad data: ``ds[i]`` is item i or, when it cannot be read (a
+    corrupt or truncated file / record), the next readable item (wrapping around) with that
+    item's own label. Each bad item is skipped with a warning and remembered in ``bad_keys``
+    (per process: DataLoader workers keep their own) and passed over for free afterwards, so a
+    bad item never stops an epoch; only ``max_skip`` failed reads in a row raise (a ValueError
+    naming the source), as does a dataset with nothing readable left.
+
+    Subclasses define __len__, ``load(i)`` (raises ValueError / OSError for a bad item),
+    ``item_key(i)`` and set ``bad_keys``, ``max_skip``, ``source`` and ``item_kind``."""
+
+    bad_keys: set
+    max_skip: int = 64
+    source: str = ""
+    item_kind: str = "item"
+
+    @property
+    def num_corrupt(self) -> int:
+        return len(self.bad_keys)
+
+    def __getitem__(self, i: int):
+        n, tries, last = len(self), 0, None
+        for step in range(n):
+            j = (i + step) % n
+            key = self.item_key(j)
+            if key in self.bad_keys:
+                continue
+            try:
+                return self.load(j)
+            except (ValueError, KeyError, OSError) as e:
+                self.bad_keys.add(key)
+                tries, last = tries + 1, e
+                warnings.warn(f"{type(self).__name__}: skipping corrupt {self.item_kind} {key}: {e}")
+            if tries >= self.max_skip:
+                break
+        raise ValueError(f"no readable {self.item_kind} from index {i} of {self.source}: {tries} read(s) in a "
+                         f"row failed, {self.num_corrupt} bad in all (last error: {last})")
+
+
+class ImageFolderDataset(SkipCorrupt, Dataset):
     """root/<identity>/<image>: items (uint8 (3, S, S), label), label = rank of the folder name
     among the non-empty identity folders (sorted). Empty folders are skipped with one warning
-    and counted in ``num_empty``; undecodable files raise when read (use ``check()`` first)."""
+    and counted in ``num_empty``; undecodable files are skipped and counted when read
+    (``SkipCorrupt``: ``bad_keys`` holds their paths, ``load(i)`` reads without skipping)."""
 
-    def __init__(self, root: str, image_size: int = 112):
+    item_kind = "image"
+
+    def __init__(self, root: str, image_size: int = 112, max_skip: int = 64):
         if not os.path.isdir(root):
             raise ValueError(f"root {root!r} is not a directory")
         self.root, self.image_size = root, image_size
+        self.source, self.max_skip, self.bad_keys = root, max_skip, set()
         self.classes: list[str] = []
         self.empty: list[str] = []
         paths, labels = [], []
@@ -97,6 +144,9 @@ class ImageFolderDataset(Dataset):
             self.classes.append(name)
             paths += [os.path.join(folder, f) for f in files]
             labels += [label] * len(files)
+        if not paths:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the identity folders of {root} "
+                             f"({len(self.empty)} empty identity folder(s)); expected root/<identity>/<image>")
         if self.empty:
             warnings.warn(f"ImageFolderDataset: skipped {len(self.empty)} empty identity folder(s) "
                           f"in {root}, e.g. {self.empty[:3]}")
@@ -114,5 +164,9 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def item_key(self, i: int) -> str:
+        return self.paths[i]
+
+    def load(self, i: int):
+        """Image i or an exception (ValueError / OSError) -- no skipping."""
         return read_image_file(self.paths[i], self.image_size), int(self.labels[i])

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .image_folder import decode_image_bytes, encode_image
+from .image_folder import SkipCorrupt, decode_image_bytes, encode_image
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -42,9 +42,14 @@ def read_index(idx_path: str) -> dict[int, int]:
             if not line:
                 continue
             parts = line.split("\t")
-            if len(parts) != 2:
-                raise ValueError(f"{idx_path}:{n + 1}: expected 'key<TAB>offset', got {line!r}")
-            index[int(parts[0])] = int(parts[1])
+            try:
+                key, offset = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+            except ValueError:
+                key = offset = None
+            if key is None or offset < 0:
+                raise ValueError(f"{idx_path}:{n + 1}: expected 'key<TAB>offset' (integers, offset >= 0), "
+                                 f"got {line!r}")
+            index[key] = offset
     return index
 
 
@@ -101,7 +106,8 @@ class RecordIOReader:
         return state
 
     def __del__(self):
-        if self._fd is not None and self._pid == os.getpid():
+        # getattr: __init__ may have failed (a missing file) before the descriptor existed
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
             try:
                 os.close(self._fd)
             except OSError:
@@ -110,14 +116,16 @@ class RecordIOReader:
     def _read_part(self, offset: int) -> tuple[int, bytes, int]:
         head = os.pread(self._file(), 8, offset)
         if len(head) < 8:
-            raise RecordIOError(f"truncated record header at offset {offset}")
+            raise RecordIOError(f"{self.rec_path}: truncated record header at offset {offset} "
+                                f"(file size {self.size}: a truncated .rec or an .idx of another file)")
         magic, lrec = struct.unpack("<II", head)
         if magic != MAGIC:
-            raise RecordIOError(f"bad magic 0x{magic:08x} at offset {offset}")
+            raise RecordIOError(f"{self.rec_path}: bad magic 0x{magic:08x} at offset {offset}")
         cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
         data = os.pread(self._file(), length, offset + 8)
         if len(data) < length:
-            raise RecordIOError(f"truncated record at offset {offset}")
+            raise RecordIOError(f"{self.rec_path}: truncated record at offset {offset} ({length} bytes "
+                                f"announced, {len(data)} left in the file)")
         return cflag, data, offset + 8 + ((length + 3) & ~3)
 
     def read(self, key: int) -> bytes:
@@ -139,19 +147,24 @@ class RecordIOReader:
                 raise RecordIOError(f"record {key}: unexpected flag {cflag} inside a split record")
 
 
-class RecordIODataset(Dataset):
+class RecordIODataset(SkipCorrupt, Dataset):
     """insightface train.rec / train.idx as (uint8 (3, S, S), int label) items.
 
     A corrupt record (bad magic, truncation, undecodable image) is skipped: the next good record
     is returned instead and the bad key is remembered in ``bad_keys`` (per process: DataLoader
-    workers keep their own). Only when ``max_skip`` records in a row are bad does it raise.
+    workers keep their own). Only when ``max_skip`` records in a row are bad does it raise
+    (``SkipCorrupt``). .idx entries that point past the end of the .rec (a truncated file) are
+    known bad at once: left out of the items, counted in ``bad_keys``, with one warning.
     """
+
+    item_kind = "record"
 
     def __init__(self, path_prefix: str, image_size: int = 112, max_skip: int = 64):
         rec = path_prefix if path_prefix.endswith(".rec") else path_prefix + ".rec"
         self.reader = RecordIOReader(rec)
-        self.image_size, self.max_skip = image_size, max_skip
+        self.image_size, self.max_skip, self.source = image_size, max_skip, rec
         self.bad_keys: set[int] = set()
+        self._labels: Optional[np.ndarray] = None
         self.image_keys = list(self.reader.keys)  # no insightface header: every record an image
         if 0 in self.reader.index:
             try:
@@ -164,42 +177,49 @@ class RecordIODataset(Dataset):
                 warnings.warn(f"RecordIODataset: unreadable header record 0 ({e}); using all keys")
         if not self.image_keys:
             raise ValueError(f"{rec} holds no image records")
+        # Entries past the end: the .rec was cut short (or the .idx belongs to another file).
+        past = [k for k in self.image_keys if self.reader.index[k] + 8 > self.reader.size]
+        if len(past) == len(self.image_keys):
+            raise ValueError(f"every image entry of {self.reader.idx_path} points past the end of {rec} "
+                             f"({self.reader.size} bytes): the .rec is truncated or the .idx is not its index")
+        if past:
+            self.bad_keys.update(past)
+            warnings.warn(f"RecordIODataset: {len(past)} of {len(self.image_keys)} entries of "
+                          f"{self.reader.idx_path} point past the end of {rec} ({self.reader.size} bytes; "
+                          f"truncated?), e.g. key {past[0]}: they are left out")
+            self.image_keys = [k for k in self.image_keys if k not in self.bad_keys]
 
     def __len__(self) -> int:
         return len(self.image_keys)
 
-    @property
-    def num_corrupt(self) -> int:
-        return len(self.bad_keys)
+    def item_key(self, i: int) -> int:
+        return self.image_keys[i]
 
     def load(self, i: int) -> tuple[Tensor, int]:
         """Record i or an exception (RecordIOError / ValueError) -- no skipping."""
-        labels, _, img = unpack_record(self.reader.read(self.image_keys[i]))
-        return decode_image_bytes(img, self.image_size), int(labels[0])
+        key = self.image_keys[i]
+        payload = self.reader.read(key)  # its errors name the .rec file and the offset
+        try:
+            labels, _, img = unpack_record(payload)
+            return decode_image_bytes(img, self.image_size), int(labels[0])
+        except ValueError as e:
+            raise RecordIOError(f"{self.source}: record {key}: {e}") from e
 
-    def __getitem__(self, i: int):
-        n = len(self.image_keys)
-        for step in range(min(self.max_skip, n)):
-            j = (i + step) % n
-            if self.image_keys[j] in self.bad_keys:
-                continue
-            try:
-                return self.load(j)
-            except (ValueError, KeyError, OSError) as e:
-                self.bad_keys.add(self.image_keys[j])
-                warnings.warn(f"RecordIODataset: skipping corrupt record {self.image_keys[j]}: {e}")
-        raise RuntimeError(f"{self.max_skip} consecutive corrupt records from index {i} in "
-                           f"{self.reader.rec_path}")
-
+    @property
     def labels(self) -> np.ndarray:
-        """All labels (reads every header; for few-shot sampling), -1 for unreadable records."""
-        out = np.full(len(self.image_keys), -1, dtype=np.int64)
-        for i, k in enumerate(self.image_keys):
-            try:
-                out[i] = int(unpack_record(self.reader.read(k))[0][0])
-            except (RecordIOError, KeyError, OSError):
-                pass
-        return out
+        """All labels (int64, one per item; read once, on first use, from every record header),
+        -1 for a record that cannot be read (its key is then counted in ``bad_keys``)."""
+        if self._labels is None:
+            out = np.full(len(self.image_keys), -1, dtype=np.int64)
+            for i, k in enumerate(self.image_keys):
+                if k in self.bad_keys:
+                    continue
+                try:
+                    out[i] = int(unpack_record(self.reader.read(k))[0][0])
+                except (RecordIOError, KeyError, OSError):
+                    self.bad_keys.add(k)
+            self._labels = out
+        return self._labels
 
 
 def _write_record(f, payload: bytes) -> None:

@@ -40,6 +40,8 @@ def load_bin(path: str, image_size: int = 112) -> tuple[Tensor, Tensor]:
     """-> (uint8 images (2n, 3, S, S), bool is_same (n,)); pair k = images 2k, 2k + 1."""
     with open(path, "rb") as f:
         raw = f.read()
+    if not raw:
+        raise _not_a_bin(path, "the file is empty")
     try:
         obj = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:
@@ -57,7 +59,10 @@ def load_bin(path: str, image_size: int = 112) -> tuple[Tensor, Tensor]:
             b = b.tobytes()
         if not isinstance(b, (bytes, bytearray)):
             raise _not_a_bin(path, f"entry {i} is {type(b).__name__}, not encoded image bytes")
-        images[i] = decode_image_bytes(b, image_size)
+        try:  # a verification set cannot skip one image of a pair: a clear error instead
+            images[i] = decode_image_bytes(b, image_size)
+        except ValueError as e:
+            raise ValueError(f"{path}: image {i} (pair {i // 2}) cannot be decoded: {e}") from e
     return images, torch.from_numpy(issame)
 
 

@@ -34,8 +34,9 @@ def main(argv=None):
     from ..checkpoint import CheckpointError
     try:
         return run(argv)
-    except (ValueError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
-        # Problems with the user's input or data: one clear line, not a traceback.
+    except (ValueError, CheckpointError, OSError, FloatingPointError) as e:
+        # Problems with the user's input, data or disk (a missing or unwritable file, a full
+        # disk): one clear line, not a traceback.
         sys.exit(f"python -m lafs_fast.train {command}: error: {e}")
 
 

@@ -22,9 +22,28 @@ for backend in cuda triton; do
     python -m pytest -q bench/test_bench_ops.py --benchmark-json="$OUT/ops_$backend.json" 2>&1 | tail -3
   python bench/report.py "$OUT/ops_$backend.json" | tee "$OUT/ops_$backend.md"
 done
-# The training step (fused path vs the original-style path), bf16 autocast.
+# The training step (fused path vs the original-style path), bf16 autocast: the pytest-benchmark
+# entry at batch 64, then the throughput table (data included and excluded, with a profile) at the
+# released size and batch 82 per GPU, and the step's peak memory.
 LAFS_STEP_MODEL=part_fvit_b LAFS_STEP_BATCH=64 LAFS_STEP_AMP=bf16 \
   python -m pytest -q bench/test_bench_step.py --benchmark-json="$OUT/step.json" 2>&1 | tail -3
 python bench/report.py "$OUT/step.json" --baseline fused | tee "$OUT/step.md"
+python bench/step_throughput.py --model part_fvit_b --batch 82 --amp bf16 --steps 10 --warmup 3 \
+  --out "$OUT/step_throughput.md" --json "$OUT/step_throughput.json" 2>&1 | tail -40
+python bench/step_memory.py --model part_fvit_b --batch 82 --amp bf16 --out "$OUT/step_memory.md" 2>&1 | tail -8
+# Loader images/s alone (decode + views on the GPU), the ceiling the data side puts on a step.
+python - <<'PY' 2>&1 | tee "$OUT/loader.txt"
+import sys, time, torch
+sys.path.insert(0, "bench")
+import step_paths as SP
+from lafs_fast import views
+p = SP.face_bytes(82); cfg = views.ViewConfig(n_local=8); g = torch.Generator("cuda").manual_seed(0)
+for _ in range(3): SP.fused_views(SP.fused_decode(p).cuda(), cfg, g)
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(10): SP.fused_views(SP.fused_decode(p).cuda(), cfg, g)
+torch.cuda.synchronize(); print(f"decode + views on the GPU: {820 / (time.perf_counter() - t):.0f} images/s")
+aug = SP.OriginalAugmentation(); t = time.perf_counter(); SP.original_data(p, aug)
+print(f"original PIL pipeline, one process: {82 / (time.perf_counter() - t):.0f} images/s")
+PY
 pkill -f "nvidia-smi --query-gpu=utilization" || true
 awk '{s+=$1; n++} END {if (n) printf "mean GPU utilisation during benchmarks: %.0f%%\n", s/n}' "$OUT/util.txt" | tee -a "$OUT/step.md"

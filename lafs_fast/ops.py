@@ -187,7 +187,7 @@ def landmark_patch_embed(images: Tensor, landmarks: Tensor, weight: Tensor, bias
     check_patch_inputs(images, landmarks, index, patch_size, perturb_std)
     check_weight_inputs(images, weight, bias, patch_size)
     seed = resolve_seed(seed, perturb_std)
-    backend = resolve_backend(backend, images.device)
+    backend = resolve_backend(backend, images.device, needs_image_grad=images.requires_grad)
     return _embed(backend, images, landmarks, weight, bias, index, patch_size, float(perturb_std), seed)
 
 
@@ -210,7 +210,7 @@ def landmark_patches(images: Tensor, landmarks: Tensor, *, patch_size: int = 8,
     """The sampled patches (B, K, P*P*C) in the token layout (for pictures and tests)."""
     check_patch_inputs(images, landmarks, index, patch_size, perturb_std)
     seed = resolve_seed(seed, perturb_std)
-    backend = resolve_backend(backend, images.device)
+    backend = resolve_backend(backend, images.device, needs_image_grad=images.requires_grad)
     if backend == "reference":
         return reference.landmark_patches(images, landmarks, index, patch_size, float(perturb_std), seed)
     if backend == "triton":
@@ -245,7 +245,8 @@ def multicrop_embed(global_images: Tensor, global_landmarks: Tensor, local_image
     if local_images.dtype != global_images.dtype or local_images.shape[1] != global_images.shape[1]:
         raise ValueError("local_images must have global_images' dtype and channel count")
     seed = resolve_seed(seed, perturb_std)
-    backend = resolve_backend(backend, global_images.device)
+    backend = resolve_backend(backend, global_images.device,
+                              needs_image_grad=global_images.requires_grad or local_images.requires_grad)
     student_global, teacher_global = torch.ops.lafs_fast.teacher_student_embed(
         global_images, global_landmarks, student_weight, student_bias, teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), patch_size, float(perturb_std), seed,

@@ -24,6 +24,7 @@ Deviations from the torchvision/PIL original, all deliberate:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -34,7 +35,8 @@ from torch import Tensor
 __all__ = [
     "ViewConfig", "LafsViews", "make_lafs_views", "normalize_uint8", "sample_crop_boxes",
     "crop_resize", "color_jitter", "adjust_hue", "gaussian_blur", "photometric_augment",
-    "landmark_view_index",
+    "draw_photometric_params", "apply_photometric", "apply_photometric_reference",
+    "landmark_view_index", "landmarks_to_views",
 ]
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale
@@ -87,6 +89,7 @@ class LafsViews:
     flip_local: Tensor
     batch_size: int
     params: Dict[str, Tensor] = field(default_factory=dict)
+    source: Optional[Tensor] = None   # the (B, 3, H, W) faces the views were cut from
 
     @property
     def n_global(self) -> int:
@@ -284,13 +287,15 @@ def gaussian_blur(x: Tensor, sigma: Tensor, apply: Optional[Tensor] = None,
     return y.view(N, C, H, W)
 
 
-def photometric_augment(x: Tensor, blur_p: Tensor, solarize_p: Tensor, cfg: ViewConfig,
-                        generator: Optional[torch.Generator] = None
-                        ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Augmented copies of clean views x (N, 3, S, S) in [-1, 1]; blur_p / solarize_p (N,) are
-    each sample's probabilities (they depend on its view). Returns (aug in [-1, 1], params)."""
-    N, dev = x.shape[0], x.device
-    y = (x + 1) * 0.5
+def draw_photometric_params(n: int, blur_p: Tensor, solarize_p: Tensor, cfg: ViewConfig,
+                            generator: Optional[torch.Generator] = None,
+                            device=None) -> Dict[str, Tensor]:
+    """Draw the photometric parameters of n views (on the generator's device, then moved to
+    `device`); blur_p / solarize_p (n,) are each view's probabilities. Keys: jitter_factors (n, 4)
+    float32 (brightness, contrast, saturation multipliers, hue shift), jitter_order (n, 4) int64
+    (a permutation of BRIGHTNESS..HUE), jitter, grayscale, blur, solarize (n,) bool, blur_sigma
+    (n,) float32. The draw order is fixed: same seed -> same parameters."""
+    N, dev = n, device
     f = torch.stack([
         _uniform(N, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness, generator, dev),
         _uniform(N, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast, generator, dev),
@@ -302,17 +307,101 @@ def photometric_augment(x: Tensor, blur_p: Tensor, solarize_p: Tensor, cfg: View
     sigma = _uniform(N, cfg.blur_sigma[0], cfg.blur_sigma[1], generator, dev)
     blur = _rand(N, generator, dev) < blur_p
     solar = _rand(N, generator, dev) < solarize_p
+    return dict(jitter_factors=f, jitter_order=order, jitter=jitter, grayscale=gray,
+                blur_sigma=sigma, blur=blur, solarize=solar)
 
-    y = color_jitter(y, f, order, jitter)
+
+def apply_photometric_reference(x: Tensor, params: Dict[str, Tensor], cfg: ViewConfig) -> Tensor:
+    """Plain-PyTorch photometric ops (the oracle of the C++ kernel; used on non-CPU devices, for
+    other dtypes, under autograd and without lafs_fast._C). x (N, 3, S, S) in [-1, 1]; params as
+    draw_photometric_params. Per sample: y = (x + 1) / 2; colour jitter in the sample's op order
+    (each linear op clamps to [0, 1]; contrast blends with the mean gray of the current image);
+    grayscale; Gaussian blur; solarize (y >= threshold -> 1 - y); y * 2 - 1. Samples with no op on
+    return x bit-exactly."""
+    N = x.shape[0]
+    jitter, gray, blur, solar = (params[k] for k in ("jitter", "grayscale", "blur", "solarize"))
+    y = (x + 1) * 0.5
+    y = color_jitter(y, params["jitter_factors"], params["jitter_order"], jitter)
     y = torch.where(gray.view(N, 1, 1, 1), _gray(y).expand_as(y), y)
-    y = gaussian_blur(y, sigma, blur, sigma_max=cfg.blur_sigma[1])
+    y = gaussian_blur(y, params["blur_sigma"], blur, sigma_max=cfg.blur_sigma[1])
     y = torch.where(solar.view(N, 1, 1, 1) & (y >= cfg.solarize_threshold), 1 - y, y)
     touched = (jitter | gray | blur | solar).view(N, 1, 1, 1)
     # untouched samples keep the clean bytes (the [0, 1] round trip is not exact)
-    aug = torch.where(touched, y * 2 - 1, x)
-    params = dict(jitter_factors=f, jitter_order=order, jitter=jitter, grayscale=gray,
-                  blur_sigma=sigma, blur=blur, solarize=solar)
-    return aug, params
+    return torch.where(touched, y * 2 - 1, x)
+
+
+_PHOTOMETRIC_OP = "lafs_fast::photometric_augment"
+
+
+def _has_photometric_kernel() -> bool:
+    """Whether lafs_fast._C has the CPU photometric kernel (the package's __init__ imports
+    lafs_fast.ops, which loads _C, before this module)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(_PHOTOMETRIC_OP, "CPU")
+    except RuntimeError:   # the op is not defined: no extension, or one built before it existed
+        return False
+
+
+def _register_photometric_fake() -> None:
+    """Fake (meta) kernel of lafs_fast::photometric_augment for torch.compile / opcheck."""
+    if not hasattr(torch.ops.lafs_fast, "photometric_augment"):
+        return
+
+    def fake(x, factors, order, jitter, grayscale, blur_sigma, blur, solarize, sigma_max,
+             solarize_threshold):
+        torch._check(x.dim() == 4 and x.shape[1] == 3, lambda: "x must be (N, 3, H, W)")
+        torch._check(x.dtype in (torch.float32, torch.float64),
+                     lambda: f"x must be float32 or float64, got {x.dtype}")
+        return x.new_empty(x.shape)   # contiguous, as the kernel's output
+
+    try:
+        torch.library.register_fake(_PHOTOMETRIC_OP)(fake)
+    except RuntimeError:   # already registered (module reloaded)
+        pass
+
+
+_register_photometric_fake()
+
+
+def apply_photometric(x: Tensor, params: Dict[str, Tensor], cfg: ViewConfig,
+                      backend: str = "auto") -> Tensor:
+    """Apply drawn photometric parameters to views x (N, 3, S, S) in [-1, 1] (see
+    apply_photometric_reference for the semantics).
+
+    backend "auto": the fused C++ kernel (torch.ops.lafs_fast.photometric_augment: one
+    cache-resident pass per sample, parallel over samples) for float32/float64 CPU tensors that do
+    not need a gradient, when lafs_fast._C has it and LAFS_FAST_BACKEND is not "reference";
+    otherwise the tensor reference. "reference" / "cpu" force one (cpu raises if impossible).
+    The two agree to ~1e-6 in float32 (most values bit-identical; tolerances derived in
+    tests/test_views_photometric.py), except that a pixel within rounding of the solarize
+    threshold may land on the other side of it.
+    """
+    if backend not in ("auto", "reference", "cpu"):
+        raise ValueError(f"backend must be auto, reference or cpu, got {backend!r}")
+    usable = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+              and not (x.requires_grad and torch.is_grad_enabled()))
+    if backend == "auto":
+        backend = "cpu" if (usable and os.environ.get("LAFS_FAST_BACKEND") != "reference"
+                            and _has_photometric_kernel()) else "reference"
+    elif backend == "cpu" and not (usable and _has_photometric_kernel()):
+        raise RuntimeError("backend='cpu' needs lafs_fast._C with the photometric kernel and a "
+                           "float32/float64 CPU tensor that does not require grad")
+    if backend == "reference":
+        return apply_photometric_reference(x, params, cfg)
+    return torch.ops.lafs_fast.photometric_augment(
+        x, params["jitter_factors"], params["jitter_order"], params["jitter"],
+        params["grayscale"], params["blur_sigma"], params["blur"], params["solarize"],
+        float(cfg.blur_sigma[1]), float(cfg.solarize_threshold))
+
+
+def photometric_augment(x: Tensor, blur_p: Tensor, solarize_p: Tensor, cfg: ViewConfig,
+                        generator: Optional[torch.Generator] = None
+                        ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Augmented copies of clean views x (N, 3, S, S) in [-1, 1]; blur_p / solarize_p (N,) are
+    each sample's probabilities (they depend on its view). Returns (aug in [-1, 1], params):
+    draw_photometric_params, then apply_photometric."""
+    params = draw_photometric_params(x.shape[0], blur_p, solarize_p, cfg, generator, x.device)
+    return apply_photometric(x, params, cfg), params
 
 
 # ----------------------------------------------------------------------------- LAFS views
@@ -373,7 +462,26 @@ def make_lafs_views(images: Tensor, cfg: ViewConfig = ViewConfig(),
 
     cast = (lambda t: t.to(out_dtype)) if out_dtype is not None else (lambda t: t)  # noqa: E731
     return LafsViews(cast(clean_g), cast(aug_g), cast(clean_l), cast(aug_l),
-                     boxes_g, boxes_l, flip_g, flip_l, B, params)
+                     boxes_g, boxes_l, flip_g, flip_l, B, params, source=x)
+
+
+# ----------------------------------------------------------------------------- landmarks
+def landmarks_to_views(landmarks: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
+    """Map landmarks of the source faces into their views (the inverse of crop_resize's geometry).
+
+    landmarks (B, N, 2) pixel (x, y) in the source (pixel k's centre = k); boxes (V*B, 4) and
+    flips (V*B,) view-major as in LafsViews; returns (V*B, N, 2) in view pixels. A point at source x
+    lands at u = (x + 0.5 - x0) * size / w - 0.5, mirrored to size - 1 - u in flipped views.
+    Points outside the crop land outside [0, size - 1] (their patches read zeros).
+    """
+    B = landmarks.shape[0]
+    V = boxes.shape[0] // B
+    lm = landmarks.to(boxes.dtype).repeat(V, 1, 1)               # row v*B + b = image b
+    x0, y0, w, h = (c[:, None] for c in boxes.unbind(-1))
+    u = (lm[..., 0] + 0.5 - x0) * (size / w) - 0.5
+    v = (lm[..., 1] + 0.5 - y0) * (size / h) - 0.5
+    u = torch.where(flips[:, None], (size - 1) - u, u)
+    return torch.stack([u, v], dim=-1).to(landmarks.dtype)
 
 
 # ----------------------------------------------------------------------------- landmark index

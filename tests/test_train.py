@@ -39,7 +39,7 @@ def test_finetune_from_scratch_moves_landmarks_and_logs(tmp_path):
 
 
 def test_finetune_resume_continues_the_same_run(tmp_path):
-    kw = dict(epochs=2, mixup_prob=0.5, checkpoint_every=2)
+    kw = dict(epochs=2, mixup_prob=0.5, save_every=2)
     straight = tiny_finetune(tmp_path / "a", **kw)
     assert tiny_finetune(tmp_path / "b", stop_after=7, **kw)["stopped"]  # mid-epoch, after a save at 6
     resumed = tiny_finetune(tmp_path / "b", resume=True, **kw)
@@ -134,3 +134,41 @@ def test_config_yaml_and_overrides(tmp_path):
     y.write_text("epochs: 3\nbogus: 1\n")
     with pytest.raises(SystemExit):
         C.parse(finetune.FinetuneConfig, ["--config", str(y)])
+
+
+@pytest.fixture
+def deterministic_off():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_runs_repeat_bitwise(tmp_path, deterministic_off):
+    """--deterministic: every op of a finetune (landmark CNN, mixup) and a pretrain step has a
+    deterministic CPU kernel (none raises), and two runs give bitwise the same weights."""
+    states = []
+    for i in range(2):
+        tiny_finetune(tmp_path / f"ft{i}", epochs=1, batch_size=4, deterministic=True, mixup_prob=0.5,
+                      save_every=2, stop_after=2)
+        assert torch.are_deterministic_algorithms_enabled()
+        states.append(torch.load(tmp_path / f"ft{i}" / "step-00000002.pt", weights_only=False)["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    cfg = pretrain.PretrainConfig(**{**TINY, "batch_size": 4}, landmarks="grid", epochs=1, n_local=1,
+                                  out_dim=64, head_hidden=64, head_bottleneck=32, deterministic=True,
+                                  stop_after=1, out_dir=str(tmp_path / "pt"))
+    assert pretrain.run(cfg)["steps"] == 1
+
+
+def test_deterministic_mode_routes_cuda_image_gradients_to_reference(deterministic_off, monkeypatch):
+    from lafs_fast import ops
+    monkeypatch.delenv("LAFS_FAST_BACKEND", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fused, on_cpu = ops.resolve_backend("auto", cuda), ops.resolve_backend("auto", cpu)
+    assert fused != "reference" or not ops.HAS_EXTENSION
+    torch.use_deterministic_algorithms(True)
+    assert ops.resolve_backend("auto", cuda) == "reference"  # a backward may need image grads
+    assert ops.resolve_backend("auto", cuda, needs_image_grad=True) == "reference"
+    assert ops.resolve_backend("auto", cuda, needs_image_grad=False) == fused  # training: images need none
+    with torch.no_grad():
+        assert ops.resolve_backend("auto", cuda) == fused
+    assert ops.resolve_backend("auto", cpu) == on_cpu  # the C++ kernels are deterministic
+    assert ops.resolve_backend("triton", cuda) == "triton"  # an explicit choice is honoured

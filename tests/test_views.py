@@ -285,3 +285,25 @@ def test_index_reproducible():
 
 
 # ----------------------------------------------------------------------------- grid landmarks
+
+
+def test_landmarks_to_views_follows_crop_resize():
+    # A bright dot at a source landmark must appear at the mapped view position.
+    from lafs_fast.views import crop_resize, landmarks_to_views
+    torch.manual_seed(0)
+    B, H, S = 2, 64, 32
+    lms = torch.tensor([[[20.0, 30.0]], [[40.0, 12.0]]])
+    img = torch.zeros(B, 1, H, H)
+    for b in range(B):
+        img[b, 0, int(lms[b, 0, 1]), int(lms[b, 0, 0])] = 1.0
+    boxes = torch.tensor([[8.0, 4.0, 40.0, 48.0], [16.0, 0.0, 32.0, 32.0],
+                          [0.0, 0.0, 64.0, 64.0], [10.0, 6.0, 50.0, 40.0]])     # (V*B, 4), V = 2
+    flips = torch.tensor([False, True, True, False])
+    out = crop_resize(img, boxes.view(2, B, 4), flips.view(2, B), S, mode="bilinear")
+    mapped = landmarks_to_views(lms, boxes, flips, S)
+    for r in range(4):
+        peak = out[r, 0].flatten().argmax()
+        py, px = divmod(int(peak), S)
+        assert abs(px - mapped[r, 0, 0]) <= 1.0 and abs(py - mapped[r, 0, 1]) <= 1.0, (r, px, py, mapped[r])
+    ident = landmarks_to_views(lms, torch.tensor([[0.0, 0.0, 64.0, 64.0]] * B), torch.zeros(B, dtype=torch.bool), H)
+    torch.testing.assert_close(ident, lms)

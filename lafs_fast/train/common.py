@@ -1,5 +1,6 @@
 """Pieces every training command shares: devices, AMP, optimiser groups with layer-wise lr
-decay, metrics as JSON lines, rotating atomic checkpoints, landmark pictures."""
+decay, metrics as JSON lines, rotating atomic checkpoints with everything an exact resume needs,
+landmark pictures."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,7 @@ import os
 import random
 import re
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import config as C
+from . import distributed
 
 
 @dataclasses.dataclass
@@ -31,21 +34,57 @@ class RunConfig:
     threads: int = C.field(0, "torch CPU threads (0 = torch's default)")
     out_dir: str = C.field("runs/train", "where checkpoints, metrics.jsonl and pictures go")
     keep_checkpoints: int = C.field(3, "checkpoints kept (oldest removed)")
+    save_every: int = C.field(0, "steps between mid-epoch checkpoints (0 = only at epoch ends)")
     resume: bool = C.field(False, "continue from the newest checkpoint in out_dir")
+    stop_after: int = C.field(0, "stop after this many steps, schedule unchanged (0 = run to the end)")
     seed: int = C.field(0, "random seed (data order, augmentation, init)")
+    deterministic: bool = C.field(False, "deterministic algorithms only (bitwise repeatable for the "
+                                         "same threads, world size and machine; slower on CUDA)")
+    dist_timeout: float = C.field(600.0, "seconds a torchrun rank waits in the rendezvous or a "
+                                         "collective before the run fails")
+    fast_dropout: bool = C.field(True, "counter-based multithreaded dropout on CPU (lafs_fast.dropout: "
+                                       "same distribution, another random stream); false: torch's")
     log_every: int = C.field(10, "steps between metric lines")
     progress: bool = C.field(True, "show a progress bar")
 
+    def validate(self):
+        for name in ("save_every", "stop_after", "threads", "workers"):
+            C.require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        C.require(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        C.require(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
+        C.require(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")
+
 
 def setup_run(cfg: RunConfig) -> tuple[torch.device, str]:
-    """Device, CPU threads, output folder and seeds of a run; returns (device, amp mode)."""
-    device = resolve_device(cfg.device)
+    """Device, CPU threads, determinism, process group (under torchrun), output folder and
+    seeds of a run; returns (device, amp mode)."""
+    device = distributed.resolve_cuda_device(resolve_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        set_deterministic()
     amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
+    distributed.init(device, cfg.dist_timeout)
     ensure_writable_dir(cfg.out_dir)
     seed_everything(cfg.seed)
     return device, amp
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels only: an op without one raises (warn_only=False) rather than
+    silently varying. On CPU the run is then bitwise repeatable for a fixed thread count (a
+    reduction's split depends on --threads; 0 means torch's default, the core count). On CUDA:
+    cuBLAS with a fixed workspace, cuDNN without autotuning, and lafs_fast.ops routes the patch
+    op to its deterministic path (ops.resolve_backend)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def make_grad_scaler(device: torch.device, amp: str) -> "torch.amp.GradScaler":
+    """fp16 on CUDA needs loss scaling; everywhere else a disabled scaler (a pass-through)."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:
@@ -134,9 +173,11 @@ def set_schedule(optimizer, lr: float, weight_decay: Optional[float] = None) -> 
 
 # ----------------------------------------------------------------------------- logging
 class JsonlLogger:
-    """Metrics as JSON lines (one object per line, flushed), plus wall time."""
+    """Metrics as JSON lines (one object per line, flushed), plus wall time. Off on every
+    rank but 0."""
 
     def __init__(self, path: Optional[str], enabled: bool = True):
+        enabled = enabled and distributed.info().is_main
         self.path, self.enabled, self.t0 = path, enabled and path is not None, time.time()
         if self.enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -151,10 +192,17 @@ class JsonlLogger:
 
 # ----------------------------------------------------------------------------- checkpoints
 class CheckpointRing:
-    """Atomic checkpoints named step-XXXXXXXX.pt in a folder, keeping the newest `keep`."""
+    """Atomic checkpoints named step-XXXXXXXX.pt in a folder, keeping the newest `keep`.
+    save_checkpoint writes a temporary file and renames it, so a kill mid-save leaves the last
+    good checkpoint intact (and a stale .tmp_ file, removed by clean_stale)."""
 
     def __init__(self, folder: str, keep: int = 3):
         self.folder, self.keep = folder, keep
+
+    def clean_stale(self) -> None:
+        for tmp in glob.glob(os.path.join(self.folder, ".tmp_step-*")):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
     def path(self, step: int) -> str:
         return os.path.join(self.folder, f"step-{step:08d}.pt")
@@ -175,19 +223,77 @@ class CheckpointRing:
         return path
 
 
-def rng_state() -> dict:
+def rng_state(gen: Optional[torch.Generator] = None) -> dict:
+    """Every random stream of this process: python, numpy, torch CPU (+ CUDA), the run's generator."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if gen is not None:
+        state["gen"] = gen.get_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, gen: Optional[torch.Generator] = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if gen is not None and "gen" in state:
+        gen.set_state(state["gen"])
+
+
+def save_training_state(ring: CheckpointRing, step: int, epoch: int, steps_per_epoch: int,
+                        global_batch: int, gen: torch.Generator, scaler, **payload) -> None:
+    """A resumable checkpoint. Collective (every rank calls it: each rank's random streams are
+    gathered); rank 0 writes. `epoch` is the epoch a resume continues, step - epoch *
+    steps_per_epoch batches into it; the lr / wd / momentum schedules are functions of step."""
+    rngs = distributed.all_gather_object(rng_state(gen))
+    if distributed.info().is_main:
+        ring.save(step, {**payload, "step": step, "epoch": epoch, "step_in_epoch": step - epoch * steps_per_epoch,
+                         "global_batch": global_batch, "world_size": len(rngs), "threads": torch.get_num_threads(),
+                         "rng": rngs, "scaler": scaler.state_dict()})
+
+
+def load_training_state(ring: CheckpointRing, global_batch: int, gen: torch.Generator, scaler,
+                        per_rank_gen: bool, seed: int) -> Optional[dict]:
+    """The newest checkpoint (rank 0 picks it; out_dir must be visible to every rank), with this
+    rank's random streams and the AMP scaler restored; None when there is none. Raises if the
+    global batch changed (the data order would not continue); another world size resumes the
+    order exactly but restarts the per-rank streams (not bitwise)."""
+    if distributed.info().is_main:
+        ring.clean_stale()
+    path = distributed.broadcast_object(ring.latest())
+    if not path:
+        return None
+    from ..checkpoint import CheckpointError
+    try:  # our own file (RNG states need full unpickling); the ring never holds a torn one
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} to resume ({type(e).__name__}: {e}); move it away "
+                              "to resume from the checkpoint before it") from e
+    if state.get("global_batch", global_batch) != global_batch:
+        raise ValueError(f"{path} was written with a global batch of {state['global_batch']} images "
+                         f"(--batch-size x world size), this run has {global_batch}: the data order "
+                         "would not continue; resume with the same global batch")
+    rngs = state["rng"]
+    if isinstance(rngs, dict):  # older checkpoints: one process, generator stored apart
+        rngs = [{**rngs, "gen": state["gen"]}]
+    me = distributed.info()
+    if len(rngs) == me.world_size:
+        set_rng_state(rngs[me.rank], gen)
+    else:
+        warnings.warn(f"{path} was written by {len(rngs)} ranks, this run has {me.world_size}: "
+                      "the data order continues exactly, the per-rank random streams restart")
+        set_rng_state(rngs[0], gen)
+        distributed.seed_rank_rngs(seed + state["step"])
+        if per_rank_gen and me.rank:
+            gen.manual_seed(distributed.rank_seed(seed + state["step"], me.rank, stream=2))
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if me.is_main:
+        print(f"resumed from {path} at step {state['step']}")
+    return state
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -40,20 +40,29 @@ def dataset_labels(ds) -> np.ndarray:
 class TrainData:
     """Seeded batches of (uint8 images, labels). The order of epoch e is a pure function of
     (seed, e), so a resumed run only needs its step to continue the same sequence. In-memory
-    datasets (ORL, synthetic) are indexed directly; others go through DataLoader workers."""
+    datasets (ORL, synthetic) are indexed directly; others go through DataLoader workers.
+
+    Distributed: batch_size is per rank and a step's global batch is world_size * batch_size
+    images of that one order; rank r takes rows [r * batch_size, (r + 1) * batch_size) of it. So
+    W ranks x batch b see exactly the images 1 rank x batch W*b sees, step by step, and a
+    resume only needs the step (and the same global batch)."""
 
     def __init__(self, dataset, batch_size: int, seed: int, workers: int = 2,
-                 subset: Optional[np.ndarray] = None):
+                 subset: Optional[np.ndarray] = None, rank: int = 0, world_size: int = 1):
         self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, workers
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
         labels = dataset_labels(dataset)
         self.indices = np.arange(len(labels)) if subset is None else np.asarray(subset)
-        if len(self.indices) < batch_size:
-            raise ValueError(f"--batch-size {batch_size} exceeds the {len(self.indices)} training images")
+        if len(self.indices) < self.global_batch:
+            per_rank = f" x {world_size} ranks" if world_size > 1 else ""
+            raise ValueError(f"--batch-size {batch_size}{per_rank} exceeds the {len(self.indices)} "
+                             "training images")
         self.labels = torch.as_tensor(labels)
         # Classes are renumbered over the subset so the classifier has no dead rows.
         self.classes, self.targets = np.unique(labels[self.indices], return_inverse=True)
         self.num_classes = len(self.classes)
-        self.steps = len(self.indices) // batch_size
+        self.steps = len(self.indices) // self.global_batch
         self.in_memory = isinstance(getattr(dataset, "images", None), torch.Tensor)
         self.wait_s, self.delivered = 0.0, 0
 
@@ -62,11 +71,13 @@ class TrainData:
 
     def order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.indices), generator=g)[: self.steps * self.batch_size]
+        return torch.randperm(len(self.indices), generator=g)[: self.steps * self.global_batch]
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of epoch `epoch`, starting after the first `skip` (for resume)."""
-        pos = self.order(epoch).view(self.steps, self.batch_size)[skip:]
+        """This rank's part of the batches of epoch `epoch`, starting after the first `skip`
+        (for resume)."""
+        r0 = self.rank * self.batch_size
+        pos = self.order(epoch).view(self.steps, self.global_batch)[skip:, r0:r0 + self.batch_size]
         targets = torch.as_tensor(self.targets)
         if self.in_memory:
             for p in pos:
@@ -103,10 +114,10 @@ class TrainData:
 
 
 def build_train_data(dataset: str, path: str, fewshot: int, seed: int, batch_size: int,
-                     workers: int) -> TrainData:
+                     workers: int, rank: int = 0, world_size: int = 1) -> TrainData:
     ds = open_dataset(dataset, path, train=True)
     subset = D.fewshot_indices(dataset_labels(ds), fewshot, seed) if fewshot > 0 else None
-    return TrainData(ds, batch_size, seed, workers, subset)
+    return TrainData(ds, batch_size, seed, workers, subset, rank, world_size)
 
 
 def evaluate_orl(model, device, batch_size: int = 64) -> dict:

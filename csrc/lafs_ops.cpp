@@ -30,7 +30,7 @@ TORCH_LIBRARY(lafs_fast, m) {
       "landmark_patches_backward(Tensor grad_patches, Tensor images, Tensor landmarks, "
       "Tensor? index, int patch_size, float perturb_std, int seed, bool[2] output_mask) "
       "-> (Tensor, Tensor)");
-  // x * keep / (1 - p) with keep drawn per element from Philox keyed by (seed, flat index):
+  // x * keep / (1 - p) with keep a hash of (seed, flat index) (cpu/philox_dropout_cpu.cpp):
   // the backward is the same op on grad_out (lafs_fast/dropout.py).
   m.def("philox_dropout(Tensor x, float p, int seed) -> Tensor");
   // LAFS photometric augmentation of views x (N, 3, H, W) in [-1, 1] with already-drawn

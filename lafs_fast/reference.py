@@ -73,29 +73,42 @@ def landmark_noise(seed: int, batch: int, slots: int, device=None) -> Tensor:
     return torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
 
 
-DROPOUT_STREAM = 0x64726F70  # "drop": the 4th counter word of dropout draws (landmark noise uses 0)
+def _mix32(x: Tensor) -> Tensor:
+    """Wellons' lowbias32 integer hash on int64 tensors holding uint32 words."""
+    x = x ^ (x >> 16)
+    x = _mulhilo32(x, 0x7FEB352D)[1]
+    x = x ^ (x >> 15)
+    x = _mulhilo32(x, 0x846CA68B)[1]
+    return x ^ (x >> 16)
+
+
+def _splitmix64(z: int) -> int:
+    m = 0xFFFFFFFFFFFFFFFF
+    z = (z + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
 
 
 def dropout_keep_mask(numel: int, p: float, seed: int, device=None) -> Tensor:
-    """Keep mask (numel,) bool of lafs_fast's counter-based dropout. Philox block j =
-    Philox4x32-10(key = seed, counter = (j lo, j hi, 0, DROPOUT_STREAM)) gives 8 elements 16 bits
-    each: element i reads half (i % 2) (low half first) of word ((i // 2) % 4) of block i // 8 and
-    is kept iff those bits >= round(p * 2^16) (p quantised to 2^-16: <= 7.6e-6 off for any p).
-    Kept values are scaled by 1 / (1 - p)."""
-    blocks = torch.arange((numel + 7) // 8, dtype=torch.int64, device=device)
-    words = torch.stack(philox4x32(seed, blocks & _MASK32, blocks >> 32, torch.zeros_like(blocks),
-                                   torch.full_like(blocks, DROPOUT_STREAM)), dim=1)      # (blocks, 4)
-    halves = torch.stack([words & 0xFFFF, words >> 16], dim=2).reshape(-1)[:numel]
-    return halves >= int(round(p * 65536.0))
+    """Keep mask (numel,) bool of lafs_fast's counter-based dropout: with (k0, k1) the 32-bit
+    halves of splitmix64(seed), element i (flat, contiguous order) is kept iff
+    mix32(mix32(lo32(i) ^ k0) ^ hi32(i) ^ k1) >= round(p * 2^32) (mix32 = lowbias32)."""
+    key = _splitmix64(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    k0, k1 = key & _MASK32, key >> 32
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    h = _mix32(_mix32((i & _MASK32) ^ k0) ^ (i >> 32) ^ k1)
+    return h >= min(int(round(p * 2.0**32)), _MASK32)
 
 
 def dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    """The oracle of torch.ops.lafs_fast.philox_dropout (float64 arithmetic for float64 inputs,
-    float otherwise)."""
+    """The oracle of torch.ops.lafs_fast.philox_dropout: x * (keep ? 1 / (1 - p) : 0), computed in
+    float64 for float64 inputs and float32 otherwise (so a dropped inf / NaN gives NaN, as torch's
+    dropout does)."""
     keep = dropout_keep_mask(x.numel(), p, seed, x.device).view(x.shape)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=acc)
-    return torch.where(keep, x.to(acc) * scale, torch.zeros((), dtype=acc)).to(x.dtype)
+    factor = torch.where(keep, torch.tensor(1.0 / (1.0 - p), dtype=acc), torch.tensor(0.0, dtype=acc))
+    return (x.to(acc) * factor).to(x.dtype)
 
 
 def compute_dtype(images: Tensor) -> torch.dtype:

@@ -24,6 +24,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "common/multiversion.h"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -42,19 +44,7 @@ constexpr int64_t kBlock = 256;
 constexpr int64_t kBrightness = 0, kContrast = 1, kSaturation = 2, kHue = 3;
 constexpr double kGrayWeights[3] = {0.2989, 0.587, 0.114};  // views.GRAY_WEIGHTS
 
-// The hot loops are compiled twice, for AVX2 (without FMA, so that a*b+c stays two roundings as
-// in the reference) and for the x86-64 baseline, and picked at load time by the CPU (GCC ifunc);
-// elsewhere one baseline build (where the baseline has FMA the compiler may contract a*b+c: an
-// ulp, inside the tolerances).
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define LAFS_MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define LAFS_MULTIVERSION
-#endif
-
-// Helpers are force-inlined: an out-of-line copy would be compiled for the baseline target only
-// and miss the AVX2 clone of its caller.
-#define LAFS_INLINE inline __attribute__((always_inline))
+// LAFS_MULTIVERSION / LAFS_INLINE: common/multiversion.h (AVX2 and baseline clones).
 
 template <typename T>
 LAFS_INLINE T clamp01(T v) {

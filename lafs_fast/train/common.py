@@ -12,7 +12,7 @@ import random
 import re
 import time
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -188,6 +188,31 @@ class JsonlLogger:
         record = {"time": round(time.time() - self.t0, 3), **record}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+
+# ----------------------------------------------------------------------------- step / epoch ends
+class LoopEnds:
+    """What finetune and pretrain do after each optimiser step and each epoch: a metrics line every
+    --log-every steps, a checkpoint every --save-every steps and at every epoch end (unless this
+    step was just saved), and the --stop-after check. `save(epoch)` writes the resume state."""
+
+    def __init__(self, cfg: RunConfig, logger: "JsonlLogger", save: Callable[[int], None], stage: str,
+                 step: int):
+        self.cfg, self.logger, self.save, self.stage, self.last_saved = cfg, logger, save, stage, step
+
+    def after_step(self, step: int, epoch: int, record: dict) -> bool:
+        """True when the run should stop here (--stop-after)."""
+        if step % self.cfg.log_every == 0:
+            self.logger.log(stage=self.stage, **record)
+        if self.cfg.save_every and step % self.cfg.save_every == 0:
+            self.save(epoch)
+            self.last_saved = step
+        return bool(self.cfg.stop_after) and step >= self.cfg.stop_after
+
+    def after_epoch(self, step: int, epoch: int) -> None:
+        if self.last_saved != step:
+            self.save(epoch + 1)
+            self.last_saved = step
 
 
 # ----------------------------------------------------------------------------- checkpoints

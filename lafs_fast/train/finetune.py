@@ -201,7 +201,8 @@ def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
                                    start_landmarks=start_landmarks, config=dataclasses.asdict(cfg),
                                    model_config=model.config, kind="finetune")
 
-    t_start, seen, last_saved = time.time(), 0, step
+    t_start, seen = time.time(), 0
+    ends = common.LoopEnds(cfg, logger, save, log_prefix, step)
     bar = tqdm(total=total, initial=step, desc=log_prefix, disable=not (cfg.progress and me.is_main),
                dynamic_ncols=True)
     last = {}
@@ -246,17 +247,10 @@ def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
             last = {"step": step, "epoch": epoch, "loss": shown[0].item(), "drift": shown[1].item(),
                     "drift_lambda": lam_drift, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
                     "images_per_s": ips}
-            if step % cfg.log_every == 0:
-                logger.log(stage=log_prefix, **last)
-            if cfg.save_every and step % cfg.save_every == 0:
-                save(epoch)
-                last_saved = step
-            if cfg.stop_after and step >= cfg.stop_after:
+            if ends.after_step(step, epoch, last):
                 bar.close()
                 return {"steps": step, "stopped": True}
-        if last_saved != step:
-            save(epoch + 1)
-            last_saved = step
+        ends.after_epoch(step, epoch)
     bar.close()
     result = {"steps": step, "train_images_per_s": last.get("images_per_s", 0.0),
               "final_loss": last.get("loss", math.nan), "checkpoint": os.path.join(cfg.out_dir, "model.pt")}

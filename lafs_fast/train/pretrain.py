@@ -210,7 +210,8 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
 
     bar = tqdm(total=total, initial=step, desc=log_prefix, disable=not (cfg.progress and me.is_main),
                dynamic_ncols=True)
-    t_start, seen, last, last_saved = time.time(), 0, {}, step
+    t_start, seen, last = time.time(), 0, {}
+    ends = common.LoopEnds(cfg, logger, save, log_prefix, step)
     for epoch in range(start_epoch, cfg.epochs):
         for images, _ in data.epoch_batches(epoch, max(0, step - epoch * steps_per_epoch)):
             x = to_model_input(images.to(device, non_blocking=True))
@@ -238,17 +239,10 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
             bar.set_postfix(loss=f"{shown.item():.3f}", ips=f"{ips:.1f}")
             last = {"step": step, "epoch": epoch, "loss": shown.item(), "lr": float(lr_sched[step - 1]),
                     "momentum": float(mom_sched[step - 1]), "grad_norm": float(gnorm), "images_per_s": ips}
-            if step % cfg.log_every == 0:
-                logger.log(stage=log_prefix, **last)
-            if cfg.save_every and step % cfg.save_every == 0:
-                save(epoch)
-                last_saved = step
-            if cfg.stop_after and step >= cfg.stop_after:
+            if ends.after_step(step, epoch, last):
                 bar.close()
                 return {"steps": step, "stopped": True}
-        if last_saved != step:
-            save(epoch + 1)
-            last_saved = step
+        ends.after_epoch(step, epoch)
     bar.close()
     final = os.path.join(cfg.out_dir, "teacher.pt")
     if me.is_main:

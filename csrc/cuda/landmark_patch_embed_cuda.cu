@@ -23,9 +23,10 @@
 #include "common/philox.h"
 #include "patch_taps.cuh"
 
-// libdevice's accurate versions: the build uses --use_fast_math, which turns logf/sinf/cosf
-// into approximations; __logf has an absolute (not relative) error bound near u = 1, so
-// sqrt(-2 ln u) could be far off there, or NaN if the sign flips.
+// libdevice's accurate logf/sinf/cosf (errors of 1-2 ulp; not correctly rounded), named
+// explicitly. setup.py does not pass --use_fast_math; these calls keep the noise accurate even if
+// a build adds it (fast math maps logf to __logf, whose error bound is absolute, not relative,
+// near u = 1: sqrt(-2 ln u) could be far off there, or NaN if the sign flips).
 extern "C" __device__ float __nv_logf(float);
 extern "C" __device__ float __nv_sinf(float);
 extern "C" __device__ float __nv_cosf(float);
@@ -44,7 +45,8 @@ inline unsigned blocks_for(int64_t work, int64_t per_block) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(work, per_block), kMaxBlocks)));
 }
 
-// fast-math may assume no inf/NaN; test the exponent bits instead of isfinite().
+// Tests the exponent bits instead of isfinite(): stays right under --use_fast_math too, which
+// may assume no inf/NaN (the default build does not use it).
 __device__ __forceinline__ bool finite_bits(float v) {
   return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
 }
@@ -53,8 +55,10 @@ __device__ __forceinline__ bool finite_bits(double v) {
          0x7ff0000000000000ull;
 }
 
-// landmark_noise() of philox.h with correctly rounded float ops (see the libdevice note above);
-// __fmul_rn/__fadd_rn also stop FMA contraction so every step rounds like the reference.
+// landmark_noise() of philox.h. The multiplications, additions and the square root are single
+// IEEE round-to-nearest operations (__fmul_rn/__fadd_rn/__fsqrt_rn also stop nvcc contracting
+// them into FMAs), as in the reference; log/sin/cos are libdevice's (1-2 ulp, see above), so the
+// noise can differ from the CPU's libm in the last bits, which the tests' tolerances absorb.
 __device__ __forceinline__ void noise_precise(uint64_t seed, int64_t b, int64_t k, float* zx, float* zy) {
   uint32_t c[4] = {static_cast<uint32_t>(k), static_cast<uint32_t>(b), 0u, 0u};
   philox4x32_10(seed, c);

@@ -45,7 +45,12 @@ class CosFace(_MarginHead):
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         cos = self.cosine(emb)
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            return self.s * (cos - self.m * _target_mask(labels, cos))
+            return self.margin_logits(cos, _target_mask(labels, cos))
+
+    def margin_logits(self, cos: Tensor, t: Tensor) -> Tensor:
+        """Logits from cosines and a target mask t of the same shape (1 at the label, soft under
+        mixup); the one place of the CosFace maths (Partial FC calls it on its shard)."""
+        return self.s * (cos - self.m * t)
 
 
 class ArcFace(_MarginHead):
@@ -64,15 +69,18 @@ class ArcFace(_MarginHead):
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         cos = self.cosine(emb)
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            # clamp keeps sqrt's gradient finite at |cos| = 1
-            sin = torch.sqrt((1.0 - cos * cos).clamp(min=1e-7))
-            phi = cos * self.cos_m - sin * self.sin_m
-            if self.easy_margin:
-                phi = torch.where(cos > 0, phi, cos)
-            else:
-                phi = torch.where(cos > self.th, phi, cos - self.mm)
-            t = _target_mask(labels, cos)
-            return self.s * (t * phi + (1.0 - t) * cos)
+            return self.margin_logits(cos, _target_mask(labels, cos))
+
+    def margin_logits(self, cos: Tensor, t: Tensor) -> Tensor:
+        """Logits from cosines and a target mask t (see CosFace.margin_logits)."""
+        # clamp keeps sqrt's gradient finite at |cos| = 1
+        sin = torch.sqrt((1.0 - cos * cos).clamp(min=1e-7))
+        phi = cos * self.cos_m - sin * self.sin_m
+        if self.easy_margin:
+            phi = torch.where(cos > 0, phi, cos)
+        else:
+            phi = torch.where(cos > self.th, phi, cos - self.mm)
+        return self.s * (t * phi + (1.0 - t) * cos)
 
 
 class WeightNormLinear(nn.Module):

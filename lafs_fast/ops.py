@@ -44,6 +44,24 @@ def _load_extension():
 HAS_EXTENSION, EXTENSION_STATUS = _load_extension()
 
 
+class BackendUnavailable(RuntimeError):
+    """The compiled kernels are missing and the user did not ask for the reference ops."""
+
+
+def require_compiled(backend: Optional[str] = None) -> None:
+    """Training stops here rather than quietly running the slow reference ops without `_C`.
+
+    Passes when `_C` is loaded, or when the user asked for the reference ops by name: `backend`
+    (a command's --backend) or LAFS_FAST_BACKEND=reference."""
+    asked = backend if backend not in (None, "", "auto") else os.environ.get("LAFS_FAST_BACKEND", "")
+    if HAS_EXTENSION or asked == "reference":
+        return
+    raise BackendUnavailable(
+        f"the compiled kernels are unavailable ({EXTENSION_STATUS}). Build them in this environment "
+        "with `pip install --no-build-isolation -e .` and check with `python -m lafs_fast.info`, or "
+        "run the slow reference ops on purpose with LAFS_FAST_BACKEND=reference.")
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.lafs_fast.<op> has a kernel for a dispatch key ("CPU", "CUDA")."""
     if not HAS_EXTENSION:

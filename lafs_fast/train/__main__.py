@@ -13,6 +13,16 @@ import sys
 COMMANDS = ("pipeline", "finetune", "pretrain", "eval")
 
 
+def _backend_flag(argv):
+    """The value of --backend on the command line, if any (checked before the command parses)."""
+    for i, arg in enumerate(argv):
+        if arg == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -32,9 +42,12 @@ def main(argv=None):
     else:
         from .pipeline import main as run
     from ..checkpoint import CheckpointError
+    from ..ops import BackendUnavailable, require_compiled
     try:
+        if not any(a in ("-h", "--help", "--print-config") for a in argv):
+            require_compiled(_backend_flag(argv))
         return run(argv)
-    except (ValueError, CheckpointError, OSError, FloatingPointError) as e:
+    except (ValueError, CheckpointError, OSError, FloatingPointError, BackendUnavailable) as e:
         # Problems with the user's input, data or disk (a missing or unwritable file, a full
         # disk): one clear line, not a traceback.
         sys.exit(f"python -m lafs_fast.train {command}: error: {e}")

@@ -2,12 +2,14 @@
 
 Every field becomes a flag (`--batch-size 32`), documented by its `help` metadata; `--config
 FILE.yaml` sets values first, flags win. Unknown flags, unknown YAML keys and values of the wrong
-type are errors that name the option.
+type are errors that name the option. `--print-config` prints the resolved options as YAML and
+exits 0 (every command: they all parse here).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from typing import Any, Sequence, TypeVar
 
@@ -62,9 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                             help=f"{f.metadata.get('help', '')} (default: {default})")
     parser.add_argument("--config", dest="_config", default=None, metavar="FILE.yaml",
                         help="YAML file of option values; command-line flags override it")
+    parser.add_argument("--print-config", dest="_print_config", action="store_true",
+                        help="print every option as resolved (defaults < --config file < flags) as "
+                             "YAML that --config reads back, and exit 0 without running")
 
 
-def from_namespace(cls: type[T], ns: argparse.Namespace, parser: argparse.ArgumentParser) -> T:
+def from_namespace(cls: type[T], ns: argparse.Namespace, parser: argparse.ArgumentParser,
+                   validate: bool = True) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = set(fields)
@@ -101,10 +107,10 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, parser: argparse.Argume
             values[name] = value
     values.update({k: v for k, v in vars(ns).items() if k in names})
     cfg = cls(**values)
-    validate = getattr(cfg, "validate", None)
-    if validate:
+    check = getattr(cfg, "validate", None)
+    if validate and check:
         try:
-            validate()
+            check()
         except ValueError as e:
             parser.error(str(e))
     return cfg
@@ -114,7 +120,59 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = No
           description: str | None = None) -> T:
     parser = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__)
     add_arguments(parser, cls)
-    return from_namespace(cls, parser.parse_args(argv), parser)
+    ns = parser.parse_args(argv)
+    if getattr(ns, "_print_config", False):
+        print_config(from_namespace(cls, ns, parser, validate=False), ns, prog or parser.prog)
+        sys.exit(0)
+    return from_namespace(cls, ns, parser)
+
+
+def _sources(cfg, ns: argparse.Namespace) -> dict[str, str]:
+    """Where each non-default value came from: "flag" or the --config file."""
+    out = {}
+    flags = {k for k in vars(ns) if not k.startswith("_")}
+    for f in dataclasses.fields(cfg):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name in flags:
+            out[f.name] = "flag"
+        elif getattr(cfg, f.name) != default:
+            out[f.name] = "config"
+    return out
+
+
+def format_config(cfg, ns: argparse.Namespace | None = None, prog: str = "") -> str:
+    """The options as YAML, one `key: value` line each, in the dataclass's order; a comment marks
+    values that differ from the default (set by the --config file or a flag)."""
+    import yaml
+    path = getattr(ns, "_config", None) if ns is not None else None
+    lines = [f"# {prog}: resolved options (defaults < {path or 'no --config file'} < flags)"]
+    sources = _sources(cfg, ns) if ns is not None else {}
+    for key, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, (list, tuple, dict)):  # one line: [a, b]
+            line = f"{key}: " + yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+        else:
+            line = yaml.safe_dump({key: value}, default_flow_style=False, width=10**6).rstrip("\n")
+        src = sources.get(key)
+        if src:
+            line += "  # " + ("flag" if src == "flag" else f"from {path}")
+        lines.append(line)
+    derived = getattr(cfg, "derived", None)  # values the options imply, for a reader (comments)
+    if derived:
+        lines += ["# " + d for d in derived()]
+    return "\n".join(lines) + "\n"
+
+
+def print_config(cfg, ns: argparse.Namespace | None = None, prog: str = "") -> None:
+    """--print-config: the YAML on stdout. A config that would not run here (a missing data or
+    checkpoint path, say: recipes name cluster paths) is still printed, with the reason on stderr."""
+    sys.stdout.write(format_config(cfg, ns, prog))
+    sys.stdout.flush()
+    check = getattr(cfg, "validate", None)
+    if check:
+        try:
+            check()
+        except ValueError as e:
+            print(f"# note: not runnable as is: {e}", file=sys.stderr)
 
 
 def to_dict(cfg) -> dict:

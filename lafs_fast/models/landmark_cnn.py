@@ -121,8 +121,14 @@ class LandmarkCNN(nn.Module):
         # Channels-last convolutions run ~1.8x faster on CPU (oneDNN) and suit tensor cores.
         self.to(memory_format=torch.channels_last)
 
-    def reset_parameters(self) -> None:
-        # The release's MobileNet init: kaiming fan_out convs, unit BN, N(0, 0.01) linears.
+    def reset_parameters(self, scheme: str = "timm") -> None:
+        """The trunk always gets the release's MobileNet init (face_pre_pro/mobilenet.py:315-328:
+        kaiming fan_out convs, unit BN, N(0, 0.01) for the SE linears). The output layer: N(0, 0.01),
+        bias 0 under "timm" (lafs_fast's default, a choice of this project); PyTorch's default
+        Linear init under "release", because the release builds it outside the MobileNet
+        (ViT_face.py:599-602) where that init never reaches it."""
+        if scheme not in ("timm", "release"):
+            raise ValueError(f"init scheme must be 'timm' or 'release', got {scheme!r}")
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -133,6 +139,8 @@ class LandmarkCNN(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if scheme == "release":
+            self.output_layer[1].reset_parameters()
 
     def raw(self, x: Tensor) -> Tensor:
         """The un-normalised (B, 2N) regression output."""

@@ -16,6 +16,8 @@ from .. import ops
 from .landmark_cnn import LandmarkCNN
 from .vit import Transformer
 
+INIT_SCHEMES = ("timm", "release")
+
 
 def grid_landmarks(num_landmarks: int, image_size: int) -> Tensor:
     """(N, 2) fixed grid (plain fViT baseline), G = sqrt(N) points per side.
@@ -73,6 +75,26 @@ class PartFViT(nn.Module):
                                        attn_scale)
         self.norm = nn.LayerNorm(dim)
         self._init_vit()
+
+    def init_weights(self, scheme: str = "timm") -> "PartFViT":
+        """Re-initialise every parameter. "timm" (the constructor's): trunc-normal 0.02 Linears,
+        tokens and positions. "release": the authors' (face_pre_pro/ViT_face.py:611-613 and
+        nothing after): pos_embedding and cls_token ~ N(0, 1), PyTorch's default Linear and
+        LayerNorm init, and the landmark CNN's output layer at PyTorch's default too."""
+        if scheme not in INIT_SCHEMES:
+            raise ValueError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+        if self.landmark_cnn is not None:
+            self.landmark_cnn.reset_parameters(scheme)
+        if scheme == "timm":
+            self._init_vit()
+            return self
+        for m in [self.patch_embed, self.transformer, self.norm]:
+            for mod in m.modules():
+                if isinstance(mod, (nn.Linear, nn.LayerNorm)):
+                    mod.reset_parameters()
+        nn.init.normal_(self.cls_token)
+        nn.init.normal_(self.pos_embedding)
+        return self
 
     def _init_vit(self) -> None:
         """timm-style init for the ViT part (the landmark CNN keeps its MobileNet init)."""

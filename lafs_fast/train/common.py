@@ -136,10 +136,13 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
-                 cnn_weight_decay: Optional[float] = None, extra: Optional[nn.Module] = None):
-    """AdamW groups: no decay on biases and 1-D tensors (norms, tokens); lr scale
-    layer_decay ** (depth + 1 - layer) per ViT layer (BEiT-style layer-wise decay, which the
-    original computed but never applied); the landmark CNN may get its own weight decay."""
+                 cnn_weight_decay: Optional[float] = None, extra: Optional[nn.Module] = None,
+                 decay_tokens: bool = False):
+    """AdamW groups: no decay on biases and 1-D tensors (norms), nor on cls_token and
+    pos_embedding unless decay_tokens (the release decays them: its rule exempts only ".bias" and
+    1-D tensors, utils.py:662-673); lr scale layer_decay ** (depth + 1 - layer) per ViT layer
+    (BEiT-style layer-wise decay, which the original computed but never applied); the landmark CNN
+    may get its own weight decay."""
     depth = len(model.transformer.blocks) if hasattr(model, "transformer") else 0
     groups: dict[tuple, dict] = {}
     named = list(model.named_parameters()) + (list(extra.named_parameters(prefix="head")) if extra else [])
@@ -147,7 +150,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         if not p.requires_grad:
             continue
         lid = layer_id(name, depth)
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "pos_embedding")
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or (
+            not decay_tokens and name in ("cls_token", "pos_embedding"))
         wd = 0.0 if no_decay else (cnn_weight_decay if cnn_weight_decay is not None and
                                    name.startswith("landmark_cnn.") else weight_decay)
         key = (lid, wd)
@@ -156,6 +160,33 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
                            "lr_scale": layer_decay ** (depth + 1 - lid), "layer": lid}
         groups[key]["params"].append(p)
     return list(groups.values())
+
+
+CLIP_MODES = ("global", "per_tensor")
+
+
+@torch.no_grad()
+def clip_gradients_(params, max_norm: float, mode: str = "global") -> torch.Tensor:
+    """Clip gradients in place; returns the L2 norm of all gradients before clipping (for logs).
+
+    global: one norm over every tensor, all scaled together (torch's clip_grad_norm_).
+    per_tensor: each tensor's gradient scaled by min(1, max_norm / (||g|| + 1e-6)) on its own:
+    DINO's clip_gradients, which the release uses in pretraining (utils.py:132-141; the factor 1
+    leaves an unclipped gradient bitwise unchanged). max_norm <= 0: no clipping, norm only."""
+    if mode not in CLIP_MODES:
+        raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if mode == "global":
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    grads = [p.grad for p in params]
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if max_norm > 0:
+        coefs = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
+        torch._foreach_mul_(grads, coefs)
+    return total
 
 
 def make_adamw(groups, lr: float, device: torch.device, betas=(0.9, 0.999)):

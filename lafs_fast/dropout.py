@@ -80,7 +80,9 @@ class PhiloxDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            # CUDA: torch's fused kernel. Under torch.compile the seed below would be a
+            # data-dependent int (fullgraph fails); inductor generates its own dropout code.
             return nn.functional.dropout(x, self.p, True)
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         return philox_dropout(x, self.p, seed)

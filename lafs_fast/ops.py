@@ -62,6 +62,8 @@ def require_compiled(backend: Optional[str] = None) -> None:
         "run the slow reference ops on purpose with LAFS_FAST_BACKEND=reference.")
 
 
+# A constant once _C is loaded: torch.compile(fullgraph=True) must not trace into the pybind call.
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.lafs_fast.<op> has a kernel for a dispatch key ("CPU", "CUDA")."""
     if not HAS_EXTENSION:

@@ -333,6 +333,7 @@ def apply_photometric_reference(x: Tensor, params: Dict[str, Tensor], cfg: ViewC
 _PHOTOMETRIC_OP = "lafs_fast::photometric_augment"
 
 
+@torch.compiler.assume_constant_result   # constant once _C is loaded; lets fullgraph compile trace
 def _has_photometric_kernel() -> bool:
     """Whether lafs_fast._C has the CPU photometric kernel (the package's __init__ imports
     lafs_fast.ops, which loads _C, before this module)."""

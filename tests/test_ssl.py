@@ -1,7 +1,5 @@
 """lafs_fast.ssl: DINO loss and centring, schedules, EMA teacher, parameter groups, guards."""
 import math
-import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -86,18 +84,38 @@ def test_center_update_by_hand():
     torch.testing.assert_close(loss_fn.center, torch.tensor([[0.99, 1.89, 2.61]]))
 
 
-def test_center_update_all_reduced_under_distributed():
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("torch.distributed unavailable or already initialised")
-    with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'store')}",
-                                rank=0, world_size=1)
-        try:
-            loss_fn = DINOLoss(2, n_global=1, n_views=2)
-            loss_fn.update_center(torch.tensor([[1.0, 3.0], [3.0, 5.0]]))
-            torch.testing.assert_close(loss_fn.center, torch.tensor([[0.2, 0.4]]))
-        finally:
-            dist.destroy_process_group()
+def _center_worker(rank, store, out):
+    """One of two gloo ranks: each holds different teacher rows; the centre must move by the mean
+    over both ranks' rows."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        loss_fn = DINOLoss(2, n_global=1, n_views=2)
+        rows = torch.tensor([[1.0, 3.0], [3.0, 5.0]]) + 4.0 * rank   # rank 1: [[5, 7], [7, 9]]
+        loss_fn.update_center(rows)
+        torch.save(loss_fn.center, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes (~5 s)
+def test_center_update_all_reduced_under_distributed(tmp_path):
+    """World size 2 (gloo): mean over the global batch = [4, 6]; centre = 0.1 * [4, 6] on BOTH
+    ranks. Without the all-reduce rank 0 would hold 0.1 * [2, 4] and rank 1 0.1 * [6, 8]."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=_center_worker, args=(r, store, str(tmp_path / f"c{r}.pt"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for r in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"c{r}.pt"), torch.tensor([[0.4, 0.6]]),
+                                   rtol=0, atol=1e-7, msg=f"rank {r}")
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -6,10 +6,11 @@ import importlib
 OP_MODULES = ("landmark_patch_embed",)
 
 
-def compile_all_for_sm90():
-    """Compile every Triton kernel of every op module for Hopper (sm_90) without a GPU."""
+def compile_all_for_sm90(dtype: str = "fp32"):
+    """Compile every Triton kernel of every op module for Hopper (sm_90) without a GPU, for
+    images of `dtype` ("fp32", "bf16", "fp16", "fp64": each a separate specialisation)."""
     compiled = {}
     for name in OP_MODULES:
         module = importlib.import_module(f"{__name__}.{name}")
-        compiled.update({f"{name}.{k}": v for k, v in module.compile_all_for_sm90().items()})
+        compiled.update({f"{name}.{k}": v for k, v in module.compile_all_for_sm90(dtype).items()})
     return compiled

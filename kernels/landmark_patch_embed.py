@@ -29,6 +29,7 @@ torch.compile inlines, and an interpreted kernel cannot run on fake tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Optional
 
@@ -366,8 +367,30 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64,
              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _launch(kernel):
-    return torch.library.wrap_triton(kernel)
+def _device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device and stream, not on the tensors' device:
+    without this, tensors on cuda:1 would be read by a kernel running on cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _Launch:
+    """kernel[grid](...) run under a device guard for `device` (the only way kernels here are
+    launched, so no launch can miss it)."""
+
+    def __init__(self, kernel, device: torch.device):
+        self.kernel, self.device = torch.library.wrap_triton(kernel), device
+
+    def __getitem__(self, grid):
+        launcher = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with _device_guard(self.device):
+                return launcher(*args, **kwargs)
+        return run
+
+
+def _launch(kernel, device: torch.device) -> _Launch:
+    return _Launch(kernel, device)
 
 
 def _compute_dtype(images: Tensor) -> torch.dtype:
@@ -427,7 +450,7 @@ def _embed_forward(images, landmarks, weight, bias, index, patch_size, perturb_s
     BM, BN, BK = _tiles(images.dtype, D, F)
     lo, hi = _seed_words(seed)
     grid = (triton.cdiv(M, BM), triton.cdiv(D, BN))
-    _launch(_embed_fwd_kernel)[grid](
+    _launch(_embed_fwd_kernel, images.device)[grid](
         images, landmarks, idx, weight, weight if bias is None else bias, out,
         M, K, landmarks.shape[1], D, H, W, *strides, weight.stride(0), weight.stride(1),
         float(perturb_std), lo, hi,
@@ -449,7 +472,7 @@ def _patches_forward(images, landmarks, index, patch_size, perturb_std, seed):
     BM, _, BK = _tiles(images.dtype, 0, F)
     lo, hi = _seed_words(seed)
     grid = (triton.cdiv(M, BM), triton.cdiv(F, BK))
-    _launch(_patches_fwd_kernel)[grid](
+    _launch(_patches_fwd_kernel, images.device)[grid](
         images, landmarks, idx, out, M, K, landmarks.shape[1], H, W, *strides,
         float(perturb_std), lo, hi,
         P=P, C=int(C), HAS_INDEX=index is not None, PERTURB=perturb_std > 0, CDT=cdt,
@@ -479,7 +502,7 @@ def _sampling_backward(g2d, weight, images, landmarks, index, patch_size, pertur
     gimg_strides = g_img.stride() if need_img else (0, 0, 0, 0)
     w_strides = (weight.stride(0), weight.stride(1)) if weight is not None else (0, 0)
     lo, hi = _seed_words(seed)
-    _launch(_sample_bwd_kernel)[(triton.cdiv(M, BM), NT)](
+    _launch(_sample_bwd_kernel, images.device)[(triton.cdiv(M, BM), NT)](
         images, landmarks, idx, g2d, weight if weight is not None else g2d,
         g_img if need_img else images, part if need_lm else images,
         M, K, N, D, H, W, *strides, g2d.stride(0), g2d.stride(1), *w_strides, *gimg_strides,
@@ -492,7 +515,7 @@ def _sampling_backward(g2d, weight, images, landmarks, index, patch_size, pertur
             g_lm.copy_(part.sum(0).view(B, K, 2))  # fixed-order torch reduction
         elif N > 0:
             BN2, BK2 = _block(N, 16, 64), _block(K, 16, 64)
-            _launch(_lm_grad_reduce_kernel)[(B, triton.cdiv(N, BN2))](
+            _launch(_lm_grad_reduce_kernel, images.device)[(B, triton.cdiv(N, BN2))](
                 part, index, g_lm, NT, M, K, N, index.stride(0), index.stride(1),
                 g_lm.stride(0), g_lm.stride(1), g_lm.stride(2),
                 HAS_INDEX=True, CDT=cdt, BLOCK_N=BN2, BLOCK_K=BK2, num_warps=4)
@@ -513,7 +536,7 @@ def _grad_weight(grad_out2d, images, landmarks, weight, index, patch_size, pertu
     cdt, dot_dt, upcast = _dot_config(images)
     BM, BN, BK = _tiles(images.dtype, D, F, n_cap=64)
     lo, hi = _seed_words(seed)
-    _launch(_grad_weight_kernel)[(triton.cdiv(D, BN), triton.cdiv(F, BK))](
+    _launch(_grad_weight_kernel, images.device)[(triton.cdiv(D, BN), triton.cdiv(F, BK))](
         images, landmarks, idx, grad_out2d, gw, M, K, landmarks.shape[1], D, H, W, *strides,
         grad_out2d.stride(0), grad_out2d.stride(1), float(perturb_std), lo, hi,
         P=P, C=int(C), HAS_INDEX=index is not None, PERTURB=perturb_std > 0, CDT=cdt,

@@ -73,8 +73,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 # ----------------------------------------------------------------------------- argument checks
 def check_patch_inputs(images: Tensor, landmarks: Tensor, index: Optional[Tensor],
-                       patch_size: int, perturb_std: float) -> None:
-    """The one place where user-facing argument errors are raised (every backend calls it)."""
+                       patch_size: int, perturb_std: float, check_index_values: bool = True) -> None:
+    """The one place where user-facing argument errors are raised (every backend calls it).
+    check_index_values=False skips the range check of a CUDA index (a host sync per call) for a
+    caller that built the index itself; CPU indices are always checked (no sync there)."""
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got shape "
                          f"{tuple(images.shape) if isinstance(images, Tensor) else type(images)}")
@@ -105,9 +107,12 @@ def check_patch_inputs(images: Tensor, landmarks: Tensor, index: Optional[Tensor
         if index.device != images.device:
             raise ValueError(f"index is on {index.device} but images on {images.device}")
         N = landmarks.shape[1]
-        # Data-dependent (a host sync on CUDA); skipped while torch.compile traces and for meta
-        # tensors (shape-only runs), which hold no values to check.
-        if index.numel() and index.device.type != "meta" and not torch.compiler.is_compiling():
+        # Data-dependent: on CUDA a host sync (the GPU queue drains every call). Skipped while
+        # torch.compile traces, for meta tensors (shape-only runs), and on CUDA when the caller
+        # vouches for the index (check_index_values=False); the fused kernels read an out-of-range
+        # slot as a zero patch anyway, so a skipped check cannot read outside the landmarks.
+        if (index.numel() and index.device.type != "meta" and not torch.compiler.is_compiling()
+                and (check_index_values or index.device.type == "cpu")):
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= N:
                 raise ValueError(f"index values must lie in [0, {N}) (N landmarks), got [{lo}, {hi}]")
@@ -247,19 +252,21 @@ def multicrop_embed(global_images: Tensor, global_landmarks: Tensor, local_image
                     local_landmarks: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                     teacher_weight: Tensor, teacher_bias: Optional[Tensor], *,
                     local_index: Optional[Tensor] = None, patch_size: int = 8, perturb_std: float = 0.0,
-                    seed: Optional[int] = None, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                    seed: Optional[int] = None, backend: str = "auto",
+                    check_index: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """The tokens of one LAFS step in two calls, with no loop over views.
 
     global_images (G*B, C, H, W) with global_landmarks (G*B, N, 2): every landmark in order;
     local_images (L*B, C, h, w) with local_landmarks (L*B, N, 2) and local_index (L*B, K): the
-    shuffled subset. Returns (student_global (G*B, N, Ds), student_local (L*B, K, Ds),
-    teacher_global (G*B, N, Dt)). Each global patch is sampled once and multiplied by the
-    student and teacher weights in the same GEMM (teacher_student_embed); the teacher tokens carry
+    shuffled subset (check_index=False: the caller drew local_index itself, as the pretrainer
+    does, so its values are not checked on CUDA, sparing a host sync per step). Returns
+    (student_global (G*B, N, Ds), student_local (L*B, K, Ds), teacher_global (G*B, N, Dt)).
+    Each global patch is sampled once and multiplied by the student and teacher weights in the same GEMM (teacher_student_embed); the teacher tokens carry
     no gradient, and the backward computes the student's gradients only. Perturbation noise is
     keyed by (seed, row, slot) for the global views and by (seed ^ 2**62, row, slot) for the local.
     """
     check_patch_inputs(global_images, global_landmarks, None, patch_size, perturb_std)
-    check_patch_inputs(local_images, local_landmarks, local_index, patch_size, perturb_std)
+    check_patch_inputs(local_images, local_landmarks, local_index, patch_size, perturb_std, check_index)
     check_weight_inputs(global_images, student_weight, student_bias, patch_size)
     check_weight_inputs(global_images, teacher_weight, teacher_bias, patch_size)
     if local_images.dtype != global_images.dtype or local_images.shape[1] != global_images.shape[1]:

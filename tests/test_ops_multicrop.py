@@ -75,3 +75,36 @@ def test_multicrop_rejects_mismatched_views():
         ops.multicrop_embed(g_img, g_lm, l_img.double(), l_lm, ws, bs, wt, bt, local_index=index, patch_size=4)
     with pytest.raises(ValueError, match="weight"):
         ops.multicrop_embed(g_img, g_lm, l_img, l_lm, ws, bs, wt[:, :-1], bt, local_index=index, patch_size=4)
+
+
+def test_check_index_false_still_checks_cpu_indices():
+    """check_index=False only spares the CUDA host sync: a CPU index is checked for free."""
+    g_img, g_lm, l_img, l_lm, index, ws, bs, wt, bt = views_case("reference")
+    bad = index.clone()
+    bad[0, 0] = g_lm.shape[1]
+    for check in (True, False):
+        with pytest.raises(ValueError, match="index values"):
+            ops.multicrop_embed(g_img, g_lm, l_img, l_lm, ws, bs, wt, bt, local_index=bad, patch_size=4,
+                                check_index=check)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_multicrop_step_has_no_host_sync(backend):
+    """The per-step multicrop call (index drawn by the caller, check_index=False) queues its work
+    without a device->host sync; the default (a user's index) checks it, which syncs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine (runs in bench/gpu_check.sh correctness)")
+    needs(backend)
+    g_img, g_lm, l_img, l_lm, index, ws, bs, wt, bt = views_case(backend)
+    ws = ws.clone().requires_grad_()
+    kw = dict(local_index=index, patch_size=4, perturb_std=3.0, seed=7, backend=backend)
+    ops.multicrop_embed(g_img, g_lm, l_img, l_lm, ws, bs, wt, bt, check_index=False, **kw)  # warm-up, JIT
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s_g, s_l, _ = ops.multicrop_embed(g_img, g_lm, l_img, l_lm, ws, bs, wt, bt, check_index=False, **kw)
+        (s_g.sum() + s_l.sum()).backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            ops.multicrop_embed(g_img, g_lm, l_img, l_lm, ws, bs, wt, bt, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -138,7 +138,7 @@ class LafsPretrainer(nn.Module):
         s_g, s_l, t_g = ops.multicrop_embed(
             v.aug_global, lm_g, v.aug_local, lm_l, s_pe.weight, s_pe.bias, t_pe.weight, t_pe.bias,
             local_index=index, patch_size=self.student.patch_size, perturb_std=cfg.perturb_std, seed=seed,
-            backend=cfg.backend)
+            backend=cfg.backend, check_index=False)  # index drawn above: in range, no host sync
         emb = [self.student.forward_tokens(s_g)]
         if s_l.shape[0]:
             emb.append(self.student.forward_tokens(s_l))

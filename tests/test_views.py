@@ -288,22 +288,41 @@ def test_index_reproducible():
 
 
 def test_landmarks_to_views_follows_crop_resize():
-    # A bright dot at a source landmark must appear at the mapped view position.
+    """The mapped point is where crop_resize puts the source point, to 1e-4 px.
+
+    The synthetic source image holds its own coordinates: channel 0 = x, channel 1 = y at every
+    pixel centre (a linear ramp, which bilinear resampling reproduces exactly away from the
+    border). crop_resize's view then holds, at every view pixel, the source coordinate it read;
+    bilinear-sampling the view at the mapped point must give back the source landmark. A
+    half-pixel (or any) error in the mapping moves the read-back by ~w / S px: far above 1e-4."""
     from lafs_fast.views import crop_resize, landmarks_to_views
-    torch.manual_seed(0)
-    B, H, S = 2, 64, 32
-    lms = torch.tensor([[[20.0, 30.0]], [[40.0, 12.0]]])
-    img = torch.zeros(B, 1, H, H)
-    for b in range(B):
-        img[b, 0, int(lms[b, 0, 1]), int(lms[b, 0, 0])] = 1.0
-    boxes = torch.tensor([[8.0, 4.0, 40.0, 48.0], [16.0, 0.0, 32.0, 32.0],
-                          [0.0, 0.0, 64.0, 64.0], [10.0, 6.0, 50.0, 40.0]])     # (V*B, 4), V = 2
+    B, H, W, S = 2, 64, 60, 32
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64),
+                            indexing="ij")
+    img = torch.stack([xs, ys])[None].expand(B, 2, H, W).contiguous()
+    # boxes (x0, y0, w, h) inside the image by >= 1 px (no border clamping), up- and downscaled,
+    # non-square, with and without flips; view-major: row v*B + b
+    boxes = torch.tensor([[8.0, 4.0, 40.0, 48.0], [16.0, 2.0, 20.0, 28.0],
+                          [1.0, 1.0, 58.0, 62.0], [10.0, 6.0, 45.0, 17.0]], dtype=torch.float64)
     flips = torch.tensor([False, True, True, False])
-    out = crop_resize(img, boxes.view(2, B, 4), flips.view(2, B), S, mode="bilinear")
-    mapped = landmarks_to_views(lms, boxes, flips, S)
-    for r in range(4):
-        peak = out[r, 0].flatten().argmax()
-        py, px = divmod(int(peak), S)
-        assert abs(px - mapped[r, 0, 0]) <= 1.0 and abs(py - mapped[r, 0, 1]) <= 1.0, (r, px, py, mapped[r])
-    ident = landmarks_to_views(lms, torch.tensor([[0.0, 0.0, 64.0, 64.0]] * B), torch.zeros(B, dtype=torch.bool), H)
-    torch.testing.assert_close(ident, lms)
+    g = torch.Generator().manual_seed(0)
+    # landmarks well inside every crop (so the read-back uses interior view pixels)
+    lo = torch.tensor([16.0, 10.0], dtype=torch.float64)
+    lms = lo + torch.rand(B, 6, 2, generator=g, dtype=torch.float64) * torch.tensor([14.0, 6.0], dtype=torch.float64)
+    view = crop_resize(img, boxes.view(2, B, 4), flips.view(2, B), S, mode="bilinear")   # (4, 2, S, S)
+    mapped = landmarks_to_views(lms, boxes, flips, S)                                    # (4, 6, 2)
+    assert mapped.dtype == torch.float64 and mapped.shape == (4, 6, 2)
+    inside = ((mapped >= 0) & (mapped <= S - 1)).all()
+    assert inside, mapped
+    grid = (2 * mapped + 1) / S - 1                                                       # pixel -> [-1, 1]
+    back = F.grid_sample(view, grid[:, :, None], mode="bilinear", align_corners=False)[..., 0]  # (4, 2, 6)
+    want = lms.repeat(2, 1, 1).transpose(1, 2)                                            # image b of view v
+    torch.testing.assert_close(back, want, rtol=0, atol=1e-4)
+    # the check has teeth: half a view pixel off reads back a different source point
+    off = F.grid_sample(view, ((2 * (mapped + 0.5) + 1) / S - 1)[:, :, None], mode="bilinear",
+                        align_corners=False)[..., 0]
+    assert (off - want).abs().max() > 0.1
+    # the full image resampled to its own width is the identity along x
+    ident = landmarks_to_views(lms, torch.tensor([[0.0, 0.0, W, H]] * B, dtype=torch.float64),
+                               torch.zeros(B, dtype=torch.bool), W)
+    torch.testing.assert_close(ident[..., 0], lms[..., 0], rtol=0, atol=1e-12)

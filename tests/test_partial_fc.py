@@ -8,6 +8,7 @@ to float32 rounding: measured differences are ~1e-7 relative. Allowed: rtol 1e-5
 missing gather backward or a wrong world-size factor changes embedding gradients by 50 % or more,
 a wrong normaliser the loss by 1e-1.
 """
+import math
 import multiprocessing
 import os
 import socket
@@ -238,3 +239,198 @@ def test_bad_labels_are_refused():
         head(torch.randn(2, D), torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="sample_rate"):
         PartialFC(D, 10, sample_rate=0.0)
+
+
+# ----------------------------------------------------------------------------- finetune with --partial-fc
+FT_B = 8  # images per rank; 48 synthetic faces of 8 identities -> 3 steps of 16
+
+
+def _tiny(name, **kw):
+    """Depth-1 Part fViT without dropout (rank streams differ from world 1's in draws only)."""
+    from lafs_fast.models import create_model
+    model = create_model(name, depth=1, dropout=0.0, emb_dropout=0.0, drop_path=0.0, **kw)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def ft_config(out_dir, batch, **kw):
+    from lafs_fast.train import finetune
+    base = dict(dataset="synthetic", landmarks="grid", batch_size=batch, epochs=1, warmup_epochs=0.5, lr=5e-3,
+                eval=False, mixup_prob=1.0, erase_prob=0.5, out_dir=str(out_dir), log_every=1, threads=1,
+                progress=False, device="cpu", save_every=1, keep_checkpoints=5, dist_timeout=60, scale=16.0)
+    base.update(kw)
+    return finetune.FinetuneConfig(**base)
+
+
+def ft_worker(rank, world, port, root):
+    """Partial FC finetuning on 2 ranks: a straight run; the same run stopped after 1 step and
+    resumed; and a resume of the replicated single-process run's step-1 checkpoint."""
+    import shutil
+    from lafs_fast.train import finetune
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    finetune.create_model = _tiny
+    try:
+        finetune.run(ft_config(f"{root}/pfc", FT_B, partial_fc="on"))
+        finetune.run(ft_config(f"{root}/pfc_resumed", FT_B, partial_fc="on", stop_after=1))
+        finetune.run(ft_config(f"{root}/pfc_resumed", FT_B, partial_fc="on", resume=True))
+        if rank == 0:
+            os.makedirs(f"{root}/from_replicated")
+            shutil.copy(f"{root}/replicated/step-00000001.pt", f"{root}/from_replicated/")
+        distributed.barrier()
+        finetune.run(ft_config(f"{root}/from_replicated", FT_B, partial_fc="on", resume=True))
+    except Exception as e:
+        with open(f"{root}/error{rank}.txt", "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _losses(out_dir):
+    import json
+    lines = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    by_step = {l["step"]: l["loss"] for l in lines if l.get("stage") == "finetune"}
+    return torch.tensor([by_step[k] for k in sorted(by_step)])
+
+
+def _final(out_dir, step=3):
+    """(checkpoint, head matrix, head moments) at `step`, shards concatenated."""
+    path = os.path.join(out_dir, f"step-{step:08d}.pt")
+    s = torch.load(path, weights_only=False)
+    if not s["head"].get("partial_fc"):
+        m = [st for st in s["optimizer"]["state"].values() if st["exp_avg"].shape == s["head"]["weight"].shape]
+        return s, s["head"]["weight"], m[0]["exp_avg"]
+    shards = [torch.load(f"{path}.head-{r}-of-{s['head']['world_size']}") for r in range(s["head"]["world_size"])]
+    return s, torch.cat([sh["weight"] for sh in shards]), torch.cat([sh["optimizer"]["exp_avg"] for sh in shards])
+
+
+def _close_states(a, b, rtol=1e-4, atol=1e-5):
+    sa, wa, ma = a
+    sb, wb, mb = b
+    for k in sa["model"]:
+        if sa["model"][k].is_floating_point():
+            torch.testing.assert_close(sb["model"][k], sa["model"][k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+    torch.testing.assert_close(wb, wa, rtol=rtol, atol=atol)
+    assert (mb - ma).norm() <= 1e-4 * ma.norm()
+
+
+@pytest.fixture(scope="module")
+def finetune_runs(tmp_path_factory):
+    """The replicated single-process reference (global batch 16) and the 2-rank Partial FC runs."""
+    import dataclasses
+    from lafs_fast.train import finetune
+    root = tmp_path_factory.mktemp("pfc_ft")
+    saved = finetune.create_model, torch.get_num_threads()
+    finetune.create_model = _tiny
+    try:
+        finetune.run(ft_config(root / "replicated", 2 * FT_B, partial_fc="off"))
+    finally:
+        finetune.create_model = saved[0]
+        torch.set_num_threads(saved[1])
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=ft_worker, args=(r, 2, port, str(root))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(600)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = [(root / f"error{r}.txt").read_text() for r in range(2) if (root / f"error{r}.txt").exists()]
+    assert not errors and all(p.exitcode == 0 for p in procs), errors
+    return root
+
+
+def test_finetune_partial_fc_two_ranks_match_replicated_one_process(finetune_runs):
+    root = finetune_runs
+    l_ref, l_pfc = _losses(root / "replicated"), _losses(root / "pfc")
+    assert len(l_ref) == len(l_pfc) == 3
+    torch.testing.assert_close(l_pfc, l_ref, rtol=1e-4, atol=1e-5)
+    ref, pfc = _final(root / "replicated"), _final(root / "pfc")
+    assert pfc[0]["head"]["partial_fc"] and pfc[0]["head"]["ranges"] == [[0, 4], [4, 8]]
+    _close_states(ref, pfc)
+    assert (ref[0]["model"]["patch_embed.weight"] - _final(root / "replicated", 1)[0]["model"]["patch_embed.weight"]).abs().max() > 1e-4
+
+
+def test_finetune_partial_fc_resume_is_bitwise(finetune_runs):
+    root = finetune_runs
+    a, b = _final(root / "pfc"), _final(root / "pfc_resumed")
+    assert torch.equal(_losses(root / "pfc"), _losses(root / "pfc_resumed"))
+    for k in a[0]["model"]:
+        assert torch.equal(a[0]["model"][k], b[0]["model"][k]), k
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    for i, st in a[0]["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg"], b[0]["optimizer"]["state"][i]["exp_avg"])
+
+
+def test_finetune_reshards_and_switches_head(finetune_runs, tmp_path, monkeypatch):
+    """Replicated step 1 -> 2 Partial FC ranks (in the fixture); 2-rank step 1 -> 1 process with
+    the replicated head and with a 1-rank Partial FC: all continue the same trajectory."""
+    import shutil
+    from lafs_fast.train import finetune
+    root = finetune_runs
+    ref = _final(root / "replicated")
+    _close_states(ref, _final(root / "from_replicated"))
+    monkeypatch.setattr(finetune, "create_model", _tiny)
+    threads = torch.get_num_threads()
+    try:
+        for mode in ("off", "on"):
+            d = tmp_path / mode
+            d.mkdir()
+            for f in os.listdir(root / "pfc"):
+                if f.startswith("step-00000001.pt"):
+                    shutil.copy(root / "pfc" / f, d)
+            finetune.run(ft_config(d, 2 * FT_B, partial_fc=mode, resume=True))
+            got = _final(d)
+            assert bool(got[0]["head"].get("partial_fc")) == (mode == "on")
+            _close_states(ref, got)
+    finally:
+        torch.set_num_threads(threads)
+    # a missing shard is named
+    d = tmp_path / "broken"
+    d.mkdir()
+    shutil.copy(root / "pfc" / "step-00000001.pt", d)
+    shutil.copy(root / "pfc" / "step-00000001.pt.head-0-of-2", d)
+    with pytest.raises(ValueError, match="head-1-of-2 is missing"):
+        finetune.run(ft_config(d, 2 * FT_B, partial_fc="on", resume=True))
+
+
+def test_partial_fc_auto_rule():
+    from lafs_fast.train import finetune
+    cfg = ft_config("/tmp/unused", 8)
+    assert not finetune.partial_fc_enabled(cfg, 100_000, 1)
+    assert not finetune.partial_fc_enabled(cfg, 9_999, 8)
+    assert finetune.partial_fc_enabled(cfg, 10_000, 2)
+    assert finetune.partial_fc_enabled(ft_config("/tmp/unused", 8, sample_rate=0.5), 40, 1)
+    assert not finetune.partial_fc_enabled(ft_config("/tmp/unused", 8, partial_fc="off"), 10**6, 8)
+    with pytest.raises(ValueError, match="sample-rate"):
+        ft_config("/tmp/unused", 8, partial_fc="off", sample_rate=0.5).validate()
+
+
+def test_torchrun_finetune_with_partial_fc_and_sampling(tmp_path):
+    """The command line, end to end: 2 CPU ranks under torchrun, Partial FC with sampling."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "run"
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "lafs_fast.train",
+           "finetune", "--dataset", "synthetic", "--landmarks", "grid", "--epochs", "1", "--batch-size", "8",
+           "--eval", "false", "--threads", "1", "--progress", "false", "--log-every", "1",
+           "--partial-fc", "on", "--sample-rate", "0.5", "--out-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    losses = [l["loss"] for l in lines if l.get("stage") == "finetune"]
+    assert len(losses) >= 3 and all(math.isfinite(v) for v in losses)
+    assert (out / "model.pt").exists()
+    assert sorted(f for f in os.listdir(out) if ".head-" in f) == ["step-00000003.pt.head-0-of-2",
+                                                                   "step-00000003.pt.head-1-of-2"]
+    s = torch.load(out / "step-00000003.pt.head-1-of-2")
+    assert s["sample_step"] == 3 and (s["lo"], s["hi"]) == (4, 8)

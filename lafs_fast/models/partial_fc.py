@@ -27,6 +27,7 @@ and a replicated head (CosFace/ArcFace) resumes from shards and vice versa (load
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from .heads import ArcFace, CosFace
 
 SHARD_FORMAT = "lafs_fast.partial_fc_shard/1"
+FULL_INIT_MAX = 1 << 26  # class-matrix elements drawn whole at init (256 MB of float32)
 
 
 def _world() -> tuple[int, int]:
@@ -153,14 +155,22 @@ class PartialFC(nn.Module):
         self.s, self.m = s, m
         # The margin maths lives in heads.py; a 1x1 head instance carries its constants. Kept out
         # of the module tree (not a parameter, not in the state dict).
-        margin = (CosFace(1, 1, s=s, m=m) if loss == "cosface" else ArcFace(1, 1, s=s, m=m, easy_margin=easy_margin))
+        with torch.random.fork_rng(devices=[]):  # its 1x1 init must not move the global stream
+            margin = (CosFace(1, 1, s=s, m=m) if loss == "cosface" else
+                      ArcFace(1, 1, s=s, m=m, easy_margin=easy_margin))
         self.__dict__["_margin"] = margin.requires_grad_(False)
         self.weight = nn.Parameter(torch.empty(self.hi - self.lo, embedding_dim))
-        # xavier_uniform bound of the full (C, D) matrix, drawn per shard from (seed, rank)
-        bound = math.sqrt(6.0 / (num_classes + embedding_dim))
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, 7]).generate_state(1)[0]))
         with torch.no_grad():
-            self.weight.copy_(torch.rand(self.weight.shape, generator=g) * (2 * bound) - bound)
+            if num_classes * embedding_dim <= FULL_INIT_MAX:
+                # the replicated head's init, drawn whole from the global stream (equal on every
+                # rank) and sliced: Partial FC then starts exactly where CosFace / ArcFace would
+                full = torch.empty(num_classes, embedding_dim)
+                nn.init.xavier_uniform_(full)
+                self.weight.copy_(full[self.lo:self.hi])
+            else:  # too big to draw whole on every rank: the same distribution, per shard
+                bound = math.sqrt(6.0 / (num_classes + embedding_dim))
+                g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, 7]).generate_state(1)[0]))
+                self.weight.copy_(torch.rand(self.weight.shape, generator=g) * (2 * bound) - bound)
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
         self.last_sampled: Optional[Tensor] = None
 
@@ -237,6 +247,10 @@ class PartialFC(nn.Module):
         target = _sum_over_ranks((t * logits).sum(dim=1))       # sum_k w_k * logit(label_k)
         # -sum_k w_k log softmax(label_k) = (sum_k w_k) * logZ - sum_k w_k * logit(label_k)
         return (wts_all.sum(dim=1) * (mx + torch.log(sum_exp)) - target).mean()
+
+    def no_sync(self):
+        """DDP's no_sync, for gradient accumulation: a shard never all-reduces its gradient."""
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------- replicated view
     @torch.no_grad()

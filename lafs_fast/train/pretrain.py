@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .. import config as C
 from .. import ops, ssl, views
@@ -31,13 +31,15 @@ from ..dropout import use_philox_dropout
 from ..models import create_model
 from ..models.heads import DINOHead
 from . import common, distributed
+from .progress import progress
 from ..data import to_model_input
 from .data_setup import build_train_data
 
 
 @dataclass
 class PretrainConfig(common.RunConfig):
-    """LAFS pretraining (self-supervised, DINO-style, on unlabeled faces)."""
+    """LAFS pretraining (self-supervised, DINO-style, on unlabeled faces). The defaults are sized for the
+    bundled ORL faces on a CPU; configs/release/lafs_pretrain_webface4m.yaml is the release's recipe."""
     out_dir: str = C.field("runs/pretrain", "where checkpoints, metrics.jsonl and pictures go")
     model: str = C.field("part_fvit_tiny", "backbone preset")
     landmarks: str = C.field("cnn", "cnn: a frozen landmark CNN from --landmark-init; grid: the "
@@ -53,18 +55,30 @@ class PretrainConfig(common.RunConfig):
     out_dim: int = C.field(4096, "DINO head output dimension K (100000 in the release)")
     head_hidden: int = C.field(2048, "DINO head hidden width (2048 in the release)")
     head_bottleneck: int = C.field(256, "DINO head bottleneck before the weight-normed layer (256)")
-    lr: float = C.field(5e-4, "peak lr for batch 256 (scaled linearly by batch_size / 256)")
+    lr: float = C.field(5e-4, "peak lr for a global batch of 256 (scaled linearly: lr x batch_size x world "
+                              "size / 256)")
     min_lr: float = C.field(1e-6, "final lr")
-    warmup_epochs: float = C.field(2.0, "lr warm-up epochs")
+    warmup_epochs: float = C.field(2.0, "lr warm-up epochs (10 of 41 in the release; 2 suits the CPU-sized "
+                                        "ORL default)")
     weight_decay: float = C.field(0.04, "initial weight decay (cosine to --weight-decay-end)")
     weight_decay_end: float = C.field(0.4, "final weight decay")
     momentum_teacher: float = C.field(0.996, "initial EMA momentum (cosine to 1)")
     teacher_temp: float = C.field(0.04, "teacher temperature after warm-up")
-    warmup_teacher_temp: float = C.field(0.04, "initial teacher temperature (0.07 for long runs)")
-    warmup_teacher_temp_epochs: int = C.field(0, "teacher temperature warm-up epochs (30 in the paper)")
+    warmup_teacher_temp: float = C.field(0.04, "initial teacher temperature (the release: 0.07; the ORL "
+                                               "default keeps 0.04, its runs being short)")
+    warmup_teacher_temp_epochs: int = C.field(0, "teacher temperature warm-up epochs, linear (30 in the "
+                                                 "release; more than --epochs is cut, not a crash)")
     student_temp: float = C.field(0.1, "student temperature")
-    freeze_last_layer: int = C.field(1, "epochs with the head's last layer frozen")
+    freeze_last_layer: int = C.field(1, "epochs with the head's last layer frozen (1: epoch 0, the release)")
     clip_grad: float = C.field(3.0, "gradient-norm clip (0 = off)")
+    clip_mode: str = C.field("global", "global: one norm over all student tensors (lafs_fast's default); "
+                                       "per_tensor: each tensor's gradient clipped to --clip-grad on its own "
+                                       "(DINO's clip_gradients: the release)", choices=list(common.CLIP_MODES))
+    decay_tokens: bool = C.field(False, "weight decay on cls_token and pos_embedding too (the release: true; "
+                                        "default false exempts them, as timm/DeiT)")
+    weight_init: str = C.field("timm", "student init: timm (trunc-normal 0.02, lafs_fast's default) or "
+                                       "release (cls_token, pos_embedding ~ N(0, 1), PyTorch's default Linear "
+                                       "init, DINO head's last layer likewise)", choices=["timm", "release"])
     backend: str = C.field("auto", "op backend", choices=list(ops.BACKENDS))
     landmark_source: str = C.field("view", "view: the frozen CNN predicts landmarks on every view's clean "
                                            "copy (the release); image: once per face, mapped into each view "
@@ -84,6 +98,28 @@ class PretrainConfig(common.RunConfig):
             C.require(os.path.exists(self.landmark_init), f"--landmark-init: no such file {self.landmark_init}")
 
 
+    def derived(self) -> list[str]:
+        """What the options imply (printed by --print-config as comments)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        from ..models.registry import model_config
+        try:
+            n = int(model_config(self.model).get("num_landmarks", 196))
+        except ValueError:
+            n = 0
+        k = self.local_landmarks or max(1, round(n * 36 / 196))
+        temps = ssl.teacher_temp_schedule(self.warmup_teacher_temp, self.teacher_temp,
+                                          self.warmup_teacher_temp_epochs, self.epochs)
+        return [f"peak lr = lr x batch_size x world size / 256 = {self.lr:g} x {self.batch_size} x W / 256: "
+                f"{self.lr * self.batch_size / 256:.6g} at W=1, {self.lr * self.batch_size * 2 / 256:.6g} at W=2 "
+                f"(W here: {world})",
+                f"lr: linear warm-up 0 -> peak over {min(self.warmup_epochs, self.epochs / 2):g} epochs, cosine "
+                f"to {self.min_lr:g} at epoch {self.epochs}",
+                f"teacher temperature per epoch: {temps[0]:g} -> {temps[-1]:g} "
+                f"(warm-up {min(self.warmup_teacher_temp_epochs, self.epochs)} of {self.epochs} epochs)",
+                f"views per face: 2 global ({n} landmarks) + {self.n_local} local ({k} landmarks each); "
+                f"DINO loss pairs: {2 * (2 + self.n_local) - 2}"]
+
+
 class LafsPretrainer(nn.Module):
     """Student and teacher (backbone + DINO head) and the frozen landmark source."""
 
@@ -96,6 +132,11 @@ class LafsPretrainer(nn.Module):
             use_philox_dropout(self.student)
         self.student_head = DINOHead(self.student.dim, cfg.out_dim, hidden_dim=cfg.head_hidden,
                                      bottleneck_dim=cfg.head_bottleneck)
+        if cfg.weight_init == "release":
+            self.student.init_weights("release")
+            # DINO's head (vision_transformer.py:283-285): trunc-normal MLP as ours, but the last
+            # layer is weight_norm(nn.Linear) with PyTorch's default init of v (g = 1 either way).
+            nn.init.kaiming_uniform_(self.student_head.last_layer.weight_v, a=math.sqrt(5))
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
         self.landmark_cnn = None
@@ -118,8 +159,10 @@ class LafsPretrainer(nn.Module):
         with torch.no_grad():
             return torch.cat([self.landmark_cnn(c) for c in clean.split(chunk)])
 
-    def forward(self, v: "views.LafsViews", seed: int, generator: torch.Generator):
-        """(student outputs (V*B, K), teacher outputs (G*B, K)) for one batch of views."""
+    def forward(self, v: "views.LafsViews", seed: int, generator: torch.Generator,
+                index: Optional[torch.Tensor] = None):
+        """(student outputs (V*B, K), teacher outputs (G*B, K)) for one batch of views. index
+        (L*B, K): the local views' landmark subsets; None draws them from generator."""
         cfg = self.cfg
         n_g = v.clean_global.shape[0]
         if cfg.landmark_source == "image" and self.landmark_cnn is not None and v.source is not None:
@@ -132,13 +175,14 @@ class LafsPretrainer(nn.Module):
             # One landmark-CNN call for every view's clean copy.
             lms = self.landmarks(torch.cat([v.clean_global, v.clean_local]))
             lm_g, lm_l = lms[:n_g], lms[n_g:]
-        index = views.landmark_view_index(v.clean_local.shape[0], self.student.num_landmarks, self.local_k,
-                                          cfg.shuffle, generator, v.clean_local.device)
+        if index is None:
+            index = views.landmark_view_index(v.clean_local.shape[0], self.student.num_landmarks, self.local_k,
+                                              cfg.shuffle, generator, v.clean_local.device)
         s_pe, t_pe = self.student.patch_embed, self.teacher.patch_embed
         s_g, s_l, t_g = ops.multicrop_embed(
             v.aug_global, lm_g, v.aug_local, lm_l, s_pe.weight, s_pe.bias, t_pe.weight, t_pe.bias,
             local_index=index, patch_size=self.student.patch_size, perturb_std=cfg.perturb_std, seed=seed,
-            backend=cfg.backend, check_index=False)  # index drawn above: in range, no host sync
+            backend=cfg.backend)
         emb = [self.student.forward_tokens(s_g)]
         if s_l.shape[0]:
             emb.append(self.student.forward_tokens(s_l))
@@ -149,6 +193,51 @@ class LafsPretrainer(nn.Module):
 
     def student_modules(self):
         return [self.student, self.student_head]
+
+    def student_parameters(self) -> list:
+        return [p for m in self.student_modules() for p in m.parameters()]
+
+    def teacher_parameters(self) -> list:
+        """In the student's order (the EMA pairs them)."""
+        return [p for m in (self.teacher, self.teacher_head) for p in m.parameters()]
+
+
+def forward_loss(model: nn.Module, dino: "ssl.DINOLoss", v: "views.LafsViews", seed: int,
+                 generator: torch.Generator, epoch: int, device: torch.device, amp: str,
+                 index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One step's DINO loss (the centre is updated inside). model: the LafsPretrainer, or its DDP
+    wrapper."""
+    with common.autocast(device, amp):
+        s_out, t_out = model(v, seed, generator, index)
+    return dino(s_out.float(), t_out.float(), epoch)
+
+
+def update(net: LafsPretrainer, opt: torch.optim.Optimizer, scaler, loss: torch.Tensor, epoch: int,
+           momentum: float, before_step=None) -> torch.Tensor:
+    """Backward, clipping (--clip-mode), the head's last layer frozen in early epochs, AdamW, EMA
+    teacher: the release's order (lafs_train.py:590-613). before_step(): called with the final
+    gradients in place (tests). Returns the gradient norm before clipping."""
+    cfg = net.cfg
+    student_params = net.student_parameters()
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    gnorm = common.clip_gradients_(student_params, cfg.clip_grad, cfg.clip_mode)
+    ssl.cancel_last_layer_grads(net.student_head, epoch, cfg.freeze_last_layer)
+    if before_step is not None:
+        before_step()
+    scaler.step(opt)
+    scaler.update()
+    ssl.ema_update_(net.teacher_parameters(), student_params, momentum)
+    return gnorm
+
+
+def make_optimizer(net: LafsPretrainer, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the student and its head (lr and weight decay are set every step)."""
+    cfg = net.cfg
+    groups = common.param_groups(net.student, cfg.weight_decay, extra=net.student_head,
+                                 decay_tokens=cfg.decay_tokens)
+    return common.make_adamw(groups, cfg.lr, device)
 
 
 def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
@@ -171,8 +260,7 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
                         teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
                         warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
                         total_epochs=cfg.epochs).to(device)
-    groups = common.param_groups(net.student, cfg.weight_decay, extra=net.student_head)
-    opt = common.make_adamw(groups, cfg.lr, device)
+    opt = make_optimizer(net, device)
     scaler = common.make_grad_scaler(device, amp)
     steps_per_epoch = len(data)
     total = cfg.epochs * steps_per_epoch
@@ -196,8 +284,6 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
             opt.load_state_dict(state["optimizer"])
             dino.load_state_dict(state["dino"])
             step, start_epoch = state["step"], state["epoch"]
-    student_params = [p for m in net.student_modules() for p in m.parameters()]
-    teacher_params = [p for m in (net.teacher, net.teacher_head) for p in m.parameters()]
     # Under torchrun: student gradients averaged over ranks; the teacher (no gradients) is the EMA
     # of the unwrapped student, identical on every rank.
     ddp_net = distributed.wrap_ddp(net)
@@ -208,8 +294,7 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
                                    config=dataclasses.asdict(cfg), model_config=net.student.config,
                                    kind="lafs_pretrain")
 
-    bar = tqdm(total=total, initial=step, desc=log_prefix, disable=not (cfg.progress and me.is_main),
-               dynamic_ncols=True)
+    bar = progress(total, step, log_prefix, enabled=cfg.progress and me.is_main)
     t_start, seen, last = time.time(), 0, {}
     ends = common.LoopEnds(cfg, logger, save, log_prefix, step)
     for epoch in range(start_epoch, cfg.epochs):
@@ -219,19 +304,10 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
             with torch.no_grad():
                 v = views.make_lafs_views(x, vcfg, generator=gen)
             seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-            with common.autocast(device, amp):
-                s_out, t_out = ddp_net(v, seed, gen)
-            loss = dino(s_out.float(), t_out.float(), epoch)
+            loss = forward_loss(ddp_net, dino, v, seed, gen, epoch, device, amp)
             shown = distributed.all_reduce_mean(loss.detach())  # the global batch's loss
             ssl.check_finite(shown, step=step, checkpoint=ring.latest())
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(student_params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-            ssl.cancel_last_layer_grads(net.student_head, epoch, cfg.freeze_last_layer)
-            scaler.step(opt)
-            scaler.update()
-            ssl.ema_update_(teacher_params, student_params, float(mom_sched[step]))
+            gnorm = update(net, opt, scaler, loss, epoch, float(mom_sched[step]))
             step += 1
             seen += x.shape[0] * me.world_size
             bar.update(1)

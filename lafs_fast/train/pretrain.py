@@ -175,6 +175,7 @@ class LafsPretrainer(nn.Module):
             # One landmark-CNN call for every view's clean copy.
             lms = self.landmarks(torch.cat([v.clean_global, v.clean_local]))
             lm_g, lm_l = lms[:n_g], lms[n_g:]
+        drawn_here = index is None  # in range by construction: no per-step host sync to check it
         if index is None:
             index = views.landmark_view_index(v.clean_local.shape[0], self.student.num_landmarks, self.local_k,
                                               cfg.shuffle, generator, v.clean_local.device)
@@ -182,7 +183,7 @@ class LafsPretrainer(nn.Module):
         s_g, s_l, t_g = ops.multicrop_embed(
             v.aug_global, lm_g, v.aug_local, lm_l, s_pe.weight, s_pe.bias, t_pe.weight, t_pe.bias,
             local_index=index, patch_size=self.student.patch_size, perturb_std=cfg.perturb_std, seed=seed,
-            backend=cfg.backend)
+            backend=cfg.backend, check_index=not drawn_here)
         emb = [self.student.forward_tokens(s_g)]
         if s_l.shape[0]:
             emb.append(self.student.forward_tokens(s_l))

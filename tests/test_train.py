@@ -23,7 +23,7 @@ def tiny_finetune(out_dir, **kw):
 
 
 def test_finetune_from_scratch_moves_landmarks_and_logs(tmp_path):
-    res = tiny_finetune(tmp_path, lr=5e-3)
+    res = tiny_finetune(tmp_path, lr=5e-3, save_every=4, keep_checkpoints=3)
     assert res["steps"] == 2 * (48 // 8)
     assert res["landmark_shift_px"] > 0  # the landmark CNN learned through the op's gradient
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -34,8 +34,21 @@ def test_finetune_from_scratch_moves_landmarks_and_logs(tmp_path):
     from lafs_fast.convert import load_model
     model = load_model(res["checkpoint"])
     assert model(torch.zeros(1, 3, 112, 112)).shape == (1, model.dim)
-    # checkpoints rotate: only the newest `keep_checkpoints` remain
-    assert len([f for f in os.listdir(tmp_path) if f.startswith("step-")]) <= 3
+    # checkpoints rotate: 4 were written (every 4 steps: 4, 8, 12; epoch ends: 6, 12 once),
+    # exactly the newest 3 remain
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("step-")) == [
+        "step-00000006.pt", "step-00000008.pt", "step-00000012.pt"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
+
+
+def test_checkpoint_ring_removes_the_oldest(tmp_path):
+    from lafs_fast.train.common import CheckpointRing
+    ring = CheckpointRing(str(tmp_path), keep=2)
+    for step in (3, 7, 12, 100, 101):
+        ring.save(step, {"step": step})
+    assert sorted(os.listdir(tmp_path)) == ["step-00000100.pt", "step-00000101.pt"]
+    assert ring.latest() == str(tmp_path / "step-00000101.pt")
+    assert torch.load(ring.latest())["step"] == 101
 
 
 def test_finetune_resume_continues_the_same_run(tmp_path):
@@ -142,6 +155,7 @@ def deterministic_off():
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow  # 4 short runs (~10 s)
 def test_deterministic_runs_repeat_bitwise(tmp_path, deterministic_off):
     """--deterministic: every op of a finetune (landmark CNN, mixup) and a pretrain step has a
     deterministic CPU kernel (none raises), and two runs give bitwise the same weights."""
@@ -152,10 +166,28 @@ def test_deterministic_runs_repeat_bitwise(tmp_path, deterministic_off):
         assert torch.are_deterministic_algorithms_enabled()
         states.append(torch.load(tmp_path / f"ft{i}" / "step-00000002.pt", weights_only=False)["model"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    cfg = pretrain.PretrainConfig(**{**TINY, "batch_size": 4}, landmarks="grid", epochs=1, n_local=1,
-                                  out_dim=64, head_hidden=64, head_bottleneck=32, deterministic=True,
-                                  stop_after=1, out_dir=str(tmp_path / "pt"))
-    assert pretrain.run(cfg)["steps"] == 1
+    # pretraining with every random path on (views, photometric ops, landmark subsets, coordinate
+    # noise, dropout) and the landmark CNN: two runs, bitwise the same state after 2 steps
+    from lafs_fast.convert import save_model
+    from lafs_fast.models import create_model
+    torch.manual_seed(0)
+    sup = tmp_path / "sup.pt"
+    save_model(create_model("part_fvit_tiny"), str(sup))   # a landmark CNN to freeze
+    for i in range(2):
+        cfg = pretrain.PretrainConfig(**{**TINY, "batch_size": 4}, landmarks="cnn", landmark_init=str(sup),
+                                      epochs=1, n_local=1, out_dim=64, head_hidden=64, head_bottleneck=32,
+                                      deterministic=True, save_every=2, stop_after=2, out_dir=str(tmp_path / f"pt{i}"))
+        assert pretrain.run(cfg)["steps"] == 2
+        assert torch.are_deterministic_algorithms_enabled()
+    a, b = (torch.load(tmp_path / f"pt{i}" / "step-00000002.pt", weights_only=False) for i in range(2))
+    for key in ("net", "dino"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k}"
+    moments = lambda s: [t for st in s["optimizer"]["state"].values() for t in st.values()]  # noqa: E731
+    assert len(moments(a)) > 0 and all(torch.equal(x, y) for x, y in zip(moments(a), moments(b)))
+    # the runs did train (equal because repeatable, not because nothing moved)
+    assert not torch.equal(a["net"]["student.patch_embed.weight"], a["net"]["teacher.patch_embed.weight"])
 
 
 def test_deterministic_mode_routes_cuda_image_gradients_to_reference(deterministic_off, monkeypatch):

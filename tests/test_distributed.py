@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -85,28 +86,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The process group's timeout (the first run's --dist-timeout: the group is made once per
+# process). A rank whose peer died must not wait for it: the test requires the peer to be out
+# within FAIL_BOUND_S of the failure, far below the timeout, so a peer that only ends by the
+# timeout (or hangs: spawn's join limit) fails the test.
+DIST_TIMEOUT_S, FAIL_BOUND_S = 45, 15
+
+
 def worker(rank, world, port, root):
     """One torchrun-like rank: finetune, pretrain and a landmark-CNN step in one process group;
     then a finetune run in which rank 1 raises at its first step. Each rank writes the error
-    that ended it to error{rank}.txt."""
+    that ended it to error{rank}.txt, and the time it raised / left the group to times{rank}.json."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     patch(setattr)
+    times = {}
     try:
-        finetune.run(dataclasses.replace(ft_config(f"{root}/ft_w2", B), dist_timeout=60))
-        pretrain.run(dataclasses.replace(pt_config(f"{root}/pt_w2", B), dist_timeout=60))
+        finetune.run(dataclasses.replace(ft_config(f"{root}/ft_w2", B), dist_timeout=DIST_TIMEOUT_S))
+        pretrain.run(dataclasses.replace(pt_config(f"{root}/pt_w2", B), dist_timeout=DIST_TIMEOUT_S))
         torch.save(landmark_cnn_step(rank, 2), f"{root}/cnn_rank{rank}.pt")
         if rank == 1:
             def failing(*a, **kw):
+                times["raised"] = time.time()
                 raise RuntimeError("injected failure on rank 1")
             finetune.augment = failing
-        finetune.run(dataclasses.replace(ft_config(f"{root}/ft_fail", B), dist_timeout=60))
+        finetune.run(dataclasses.replace(ft_config(f"{root}/ft_fail", B), dist_timeout=DIST_TIMEOUT_S))
     except Exception as e:
         with open(f"{root}/error{rank}.txt", "w") as f:
             f.write(f"{type(e).__name__}: {e}")
         raise
     finally:
         distributed.shutdown()
+        times["left"] = time.time()
+        with open(f"{root}/times{rank}.json", "w") as f:
+            json.dump(times, f)
 
 
 def landmark_cnn_step(rank, world):
@@ -178,6 +191,10 @@ def test_world2_matches_world1_and_a_failing_rank_ends_the_run(tmp_path, one_thr
     errors = [(tmp_path / f"error{r}.txt").read_text() for r in range(2)]
     assert "injected failure on rank 1" in errors[1] and "injected" not in errors[0], errors
     assert all(c != 0 for c in codes), codes
+    # ... at once: rank 0 is out of the process group within FAIL_BOUND_S of rank 1's failure
+    t = [json.loads((tmp_path / f"times{r}.json").read_text()) for r in range(2)]
+    waited = t[0]["left"] - t[1]["raised"]
+    assert 0 <= waited < FAIL_BOUND_S < DIST_TIMEOUT_S, f"rank 0 left {waited:.1f} s after rank 1 raised"
     ref_ft = finetune.run(ft_config(tmp_path / "ft_w1", 2 * B))
     ref_pt = pretrain.run(pt_config(tmp_path / "pt_w1", 2 * B))
     assert ref_ft["steps"] == ref_pt["steps"] == 48 // (2 * B)

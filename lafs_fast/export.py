@@ -1,0 +1,120 @@
+"""ONNX export of a Part fViT with its landmark CNN, for serving.
+
+    python -m lafs_fast.export --checkpoint runs/pipeline/3_finetune/model.pt --out model.onnx
+
+The graph: image (B, 3, S, S) float32 in [-1, 1] (uint8 RGB / 127.5 - 1) -> landmark CNN ->
+patches around the landmarks by ONE grid_sample (plain PyTorch, no lafs_fast custom op) ->
+patch embedding -> transformer -> "embedding" (B, dim), not normalised (L2-normalise, and add the
+flipped image's embedding first if you want evaluation's flip-sum). With --landmarks-output the
+graph also returns "landmarks" (B, N, 2) in pixels. The batch axis is dynamic. opset >= 16 (the
+first with GridSample).
+
+Patch convention (reference.py): token[(i*P + j)*C + c] = bilinear(I[c], lx + i - P/2 - 0.5,
+ly + j - P/2 - 0.5), pixel k's centre at k, zero outside: grid_sample with align_corners=False
+and zero padding at x_norm = (2x + 1) / W - 1. Landmarks that are not finite (not produced by a
+trained CNN) are not special-cased here, unlike the training op.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models.part_fvit import PartFViT
+from .reference import patch_offsets
+
+
+def grid_sample_patches(images: Tensor, landmarks: Tensor, patch_size: int) -> Tensor:
+    """(B, N, P*P*C) patches in the token layout with one grid_sample: the sampling grid is
+    (B, N, P*P, 2), output row n is landmark n, column i*P + j is tap (i along x, j along y)."""
+    B, C, H, W = images.shape
+    P = patch_size
+    off = patch_offsets(P, landmarks.dtype, landmarks.device)
+    ox = off[:, None].expand(P, P).reshape(P * P)  # column i*P + j -> offset i (x)
+    oy = off[None, :].expand(P, P).reshape(P * P)  # -> offset j (y)
+    px = landmarks[..., 0:1] + ox  # (B, N, P*P)
+    py = landmarks[..., 1:2] + oy
+    grid = torch.stack(((2 * px + 1) / W - 1, (2 * py + 1) / H - 1), dim=-1)
+    s = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros",
+                      align_corners=False)  # (B, C, N, P*P)
+    return s.permute(0, 2, 3, 1).reshape(B, landmarks.shape[1], P * P * C)
+
+
+class ExportablePartFViT(nn.Module):
+    """PartFViT's inference forward with the patch op replaced by grid_sample_patches (the same
+    function: tests/test_embed_export.py checks it against the model)."""
+
+    def __init__(self, model: PartFViT, return_landmarks: bool = False):
+        super().__init__()
+        self.model = model.eval()
+        self.return_landmarks = return_landmarks
+
+    def forward(self, x: Tensor):
+        m = self.model
+        lm = m.predict_landmarks(x)
+        patches = grid_sample_patches(x, lm, m.patch_size)
+        emb = m.forward_tokens(m.patch_embed(patches))
+        return (emb, lm) if self.return_landmarks else emb
+
+
+def export_onnx(model: PartFViT, out: str, opset: int = 17, return_landmarks: bool = False,
+                example_batch: int = 2) -> str:
+    """Write `out` (an .onnx file); returns its path."""
+    if opset < 16:
+        raise ValueError(f"--opset must be >= 16 (GridSample), got {opset}")
+    wrapped = ExportablePartFViT(model.float().cpu(), return_landmarks).eval()
+    S = model.image_size
+    x = torch.zeros(example_batch, model.channels, S, S).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+    outputs = ["embedding", "landmarks"] if return_landmarks else ["embedding"]
+    axes = {"image": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
+    with torch.no_grad():
+        # the TorchScript exporter (dynamo=False): no onnxscript needed, and it handles SDPA
+        torch.onnx.export(wrapped, (x,), out, input_names=["image"], output_names=outputs,
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lafs_fast.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="lafs_fast model file or official release checkpoint")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
+    p.add_argument("--landmark-cnn", default=None, help="release checkpoint whose landmark CNN completes "
+                                                        "a LAFS / DINO backbone")
+    p.add_argument("--landmarks-output", action="store_true", help="also output the (B, N, 2) landmarks")
+    p.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare with PyTorch")
+    a = p.parse_args(argv)
+    from .embed import load_any_model
+    try:
+        model = load_any_model(a.checkpoint, a.landmark_cnn)
+        export_onnx(model, a.out, a.opset, a.landmarks_output)
+    except (ValueError, OSError) as e:
+        print(f"python -m lafs_fast.export: error: {e}", file=sys.stderr)
+        return 2
+    msg = f"wrote {a.out}: image (batch, {model.channels}, {model.image_size}, {model.image_size}) -> embedding (batch, {model.dim})"
+    if a.check:
+        diff = check_onnx(model, a.out)
+        msg += f"; onnxruntime vs PyTorch: max abs difference {diff:.2e}"
+    print(msg)
+    return 0
+
+
+def check_onnx(model: PartFViT, path: str, batch: int = 3) -> float:
+    """Max |onnxruntime - PyTorch| of the embeddings of `batch` random images."""
+    import numpy as np
+    import onnxruntime as ort
+    S = model.image_size
+    x = torch.rand(batch, model.channels, S, S, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(["embedding"], {"image": x.numpy()})[0]
+    return float(np.abs(got - ref).max())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -105,3 +105,28 @@ def test_sigkill_mid_save_then_resume_is_exact(kind, tmp_path, restore_threads):
     fa = torch.load(tmp_path / "straight" / final, weights_only=False)["model"]
     fb = torch.load(out / final, weights_only=False)["model"]
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+@pytest.mark.slow  # 3 short runs (~7 s)
+def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp_path, restore_threads):
+    """README: a different global batch is refused (the data order would not continue); a
+    different world size continues the data order but restarts the per-rank streams, with a warning."""
+    from lafs_fast.train.__main__ import main as cli_main
+    args = ["finetune", *COMMON, *ARGS["finetune"], "--out-dir", str(tmp_path)]
+    assert cli_main([*args, "--stop-after", "1", "--save-every", "1"])["stopped"]
+    ckpt = tmp_path / "step-00000001.pt"
+    assert torch.load(ckpt, weights_only=False)["global_batch"] == 16
+    with pytest.raises(SystemExit) as e:   # one line naming the problem, no traceback
+        cli_main([*args, "--resume", "true", "--batch-size", "8"])
+    msg = str(e.value.code)
+    assert "global batch of 16" in msg and "this run has 8" in msg, msg
+    assert [f for f in os.listdir(tmp_path) if f.startswith("step-")] == ["step-00000001.pt"]  # nothing ran
+
+    # the same checkpoint as if 2 ranks x batch 8 had written it
+    state = torch.load(ckpt, weights_only=False)
+    state["rng"] = [state["rng"][0], state["rng"][0]]
+    state["world_size"] = 2
+    torch.save(state, ckpt)
+    with pytest.warns(UserWarning, match="written by 2 ranks, this run has 1.*per-rank random streams restart"):
+        res = cli_main([*args, "--resume", "true", "--stop-after", "2"])
+    assert res["stopped"] and latest(tmp_path)["step"] == 2   # continued from step 1

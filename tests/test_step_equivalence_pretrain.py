@@ -234,12 +234,12 @@ def make_inputs(seed):
     return v, index
 
 
-def build(monkeypatch, clip_mode="per_tensor", decay_tokens=True, perturb_std=0.0):
+def build(monkeypatch, clip_mode="per_tensor", decay_tokens=True, perturb_std=0.0, backend="reference"):
     monkeypatch.setitem(registry.PRESETS, "_step_eq", PRESET)
     torch.manual_seed(0)
     cfg = pretrain.PretrainConfig(
         model="_step_eq", landmarks="grid", out_dim=OUT, head_hidden=32, head_bottleneck=16, n_local=L,
-        local_landmarks=K, perturb_std=perturb_std, fast_dropout=False, backend="reference", epochs=41,
+        local_landmarks=K, perturb_std=perturb_std, fast_dropout=False, backend=backend, epochs=41,
         warmup_teacher_temp=0.07, teacher_temp=0.04, warmup_teacher_temp_epochs=30, freeze_last_layer=1,
         clip_grad=3.0, clip_mode=clip_mode, decay_tokens=decay_tokens, weight_init="release", progress=False)
     net = pretrain.LafsPretrainer(cfg)
@@ -256,8 +256,8 @@ STEPS = [  # (epoch, lr, weight decay, EMA momentum, input seed, noise seed)
 ]
 
 
-def run_both(monkeypatch, perturb_std=0.0, lafs_clip_mode="per_tensor"):
-    net, dino, opt = build(monkeypatch, clip_mode=lafs_clip_mode, perturb_std=perturb_std)
+def run_both(monkeypatch, perturb_std=0.0, lafs_clip_mode="per_tensor", backend="reference"):
+    net, dino, opt = build(monkeypatch, clip_mode=lafs_clip_mode, perturb_std=perturb_std, backend=backend)
     rel = ReleaseStep(net)
     scaler = common.make_grad_scaler(torch.device("cpu"), "none")
     records = []
@@ -312,8 +312,13 @@ def assert_params_close(net, rel):
 
 
 # ----------------------------------------------------------------------------- tests
-def test_pretrain_step_equals_release(monkeypatch):
-    net, rel, records = run_both(monkeypatch)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_pretrain_step_equals_release(monkeypatch, backend):
+    """backend "cpu": the fused C++ op that training runs on CPU by default (the project's build
+    always has it); "reference": the plain-PyTorch op."""
+    assert backend == "reference" or ops.has_kernel("teacher_student_embed", "CPU") or \
+        ops.has_kernel("landmark_patch_embed", "CPU"), "the compiled CPU kernels are missing"
+    net, rel, records = run_both(monkeypatch, backend=backend)
     for rec in records:
         assert rec["n_terms"] == 18
         torch.testing.assert_close(rec["loss"], rec["r_loss"], **LOSS_TOL)
@@ -338,7 +343,7 @@ def test_pretrain_step_equals_release_with_coordinate_noise(monkeypatch):
     the release perturbs the N landmarks before it, so a landmark drawn twice shares its noise there
     (a deliberate difference, documented in the README); the re-statement takes lafs_fast's per-slot
     noise, the rest of the step being the release's."""
-    net, rel, records = run_both(monkeypatch, perturb_std=5.0)
+    net, rel, records = run_both(monkeypatch, perturb_std=5.0, backend="cpu")
     for rec in records:
         torch.testing.assert_close(rec["loss"], rec["r_loss"], **LOSS_TOL)
         torch.testing.assert_close(rec["center"], rec["r_center"], **LOSS_TOL)

@@ -159,7 +159,15 @@ class RecordIODataset(SkipCorrupt, Dataset):
 
     item_kind = "record"
 
-    def __init__(self, path_prefix: str, image_size: int = 112, max_skip: int = 64):
+    def __init__(self, path_prefix: str, image_size: int = 112, max_skip: int = 64,
+                 channel_order: str = "rgb"):
+        # channel_order 'bgr': the records hold channels reversed (the release's img2rec.py packs
+        # RGB arrays with an encoder that expects BGR, so WebFace4M decodes as BGR); they are
+        # swapped back at load, as the release's loader does for every non-MS1M path
+        # (image_iter.py:320-321).
+        if channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+        self.swap_channels = channel_order == "bgr"
         rec = path_prefix if path_prefix.endswith(".rec") else path_prefix + ".rec"
         self.reader = RecordIOReader(rec)
         self.image_size, self.max_skip, self.source = image_size, max_skip, rec
@@ -201,7 +209,8 @@ class RecordIODataset(SkipCorrupt, Dataset):
         payload = self.reader.read(key)  # its errors name the .rec file and the offset
         try:
             labels, _, img = unpack_record(payload)
-            return decode_image_bytes(img, self.image_size), int(labels[0])
+            image = decode_image_bytes(img, self.image_size)
+            return (image.flip(0) if self.swap_channels else image), int(labels[0])
         except ValueError as e:
             raise RecordIOError(f"{self.source}: record {key}: {e}") from e
 

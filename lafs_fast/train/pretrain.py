@@ -29,6 +29,7 @@ from .. import ops, ssl, views
 from ..convert import save_model
 from ..dropout import use_philox_dropout
 from ..models import create_model
+from ..models.registry import model_config
 from ..models.heads import DINOHead
 from . import common, distributed
 from .progress import progress
@@ -97,11 +98,9 @@ class PretrainConfig(common.RunConfig):
                                                 "Part fViT checkpoint); use --landmarks grid without one")
             C.require(os.path.exists(self.landmark_init), f"--landmark-init: no such file {self.landmark_init}")
 
-
     def derived(self) -> list[str]:
         """What the options imply (printed by --print-config as comments)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        from ..models.registry import model_config
         try:
             n = int(model_config(self.model).get("num_landmarks", 196))
         except ValueError:

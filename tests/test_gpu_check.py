@@ -1,0 +1,122 @@
+"""bench/gpu_check.sh in its CPU smoke mode (LAFS_GPU_CHECK_SMOKE=1): the plumbing of the GPU
+check (arguments, the files it writes, the report, no aborts) on every run of the suite. Only
+the GPU itself stays unproven here."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
+
+
+def run_stage(stage, out, **env):
+    full = dict(os.environ, LAFS_GPU_CHECK_SMOKE="1", OUT=str(out), PYTHON=sys.executable, **env)
+    full.pop("TRITON_INTERPRET", None)  # the script must set it up by itself
+    return subprocess.run(["bash", SCRIPT, stage], env=full, capture_output=True, text=True, timeout=600)
+
+
+def report(out, stage):
+    md = open(os.path.join(out, f"gpu_check_{stage}.md")).read()
+    data = json.load(open(os.path.join(out, f"gpu_check_{stage}.json")))
+    return md, data
+
+
+FAILING = '''
+import time
+
+def test_passes():
+    assert 1 + 1 == 2
+
+def test_deliberately_fails():
+    assert 1 + 1 == 3, "a deliberately failing test"
+
+def test_hangs():
+    time.sleep(120)
+'''
+
+
+@pytest.fixture(scope="module")
+def correctness(tmp_path_factory):
+    """One smoke run of the correctness stage, with a failing and a hanging test injected."""
+    out = tmp_path_factory.mktemp("gpu_check_correctness")
+    extra = out.parent / "injected"
+    extra.mkdir()
+    (extra / "test_injected.py").write_text(FAILING)
+    res = run_stage("correctness", out, LAFS_GPU_CHECK_EXTRA_TESTS=str(extra / "test_injected.py"),
+                    LAFS_GPU_CHECK_EXTRA_TIMEOUT="3")
+    return res, out
+
+
+def test_correctness_smoke_runs_to_the_end(correctness):
+    res, out = correctness
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    files = sorted(os.listdir(out))
+    assert files == ["gpu_check_correctness.json", "gpu_check_correctness.log", "gpu_check_correctness.md"]
+    md, data = report(out, "correctness")
+    assert "## Parts" in md and "## Test outcomes" in md and "python3 -m lafs_fast.info" in md
+    parts = {p["part"].split(":")[0].split(" (")[0]: p for p in data["parts"]}
+    assert set(parts) >= {"build", "lafs_fast.info", "tests", "finetune", "pretrain"}
+    for p in data["parts"]:
+        assert p["status"] == "ok", p
+        assert p["part"] in md and p["seconds"] >= 0
+    tests = {t["nodeid"]: t for t in data["tests"]}
+    real = {k: t for k, t in tests.items() if "test_injected" not in k}
+    assert len(real) >= 15
+    for nodeid, t in real.items():
+        assert t["outcome"] in ("passed", "skipped"), (nodeid, t)
+        assert f"`{nodeid}` | {t['outcome']}" in md  # every outcome is in the report
+    # the CUDA cases are collected and reported as skipped, with the reason
+    cuda = [t for k, t in real.items() if "cuda" in k and "[train]" not in k]
+    assert cuda and all(t["outcome"] == "skipped" and ("no CUDA device" in t["message"] or
+                                                      "two CUDA devices" in t["message"]) for t in cuda), cuda
+    trained = [t for k, t in real.items() if k.startswith("[train]")]
+    assert len(trained) == 2 and all(t["outcome"] == "passed" for t in trained)
+
+
+def test_a_failing_test_does_not_stop_the_stage(correctness):
+    """The injected failing and hanging tests are reported; the parts after them still ran."""
+    res, out = correctness
+    assert res.returncode == 0
+    md, data = report(out, "correctness")
+    tests = {t["nodeid"].split("::")[-1]: t for t in data["tests"] if "test_injected" in t["nodeid"]}
+    assert tests["test_passes"]["outcome"] == "passed"
+    assert tests["test_deliberately_fails"]["outcome"] == "failed"
+    assert "a deliberately failing test" in tests["test_deliberately_fails"]["message"]
+    assert tests["test_hangs"]["outcome"] == "timeout"
+    assert "## Failures" in md and "test_deliberately_fails` (failed)" in md and "test_hangs` (timeout)" in md
+    order = [p["part"] for p in data["parts"]]
+    tests_at = next(i for i, p in enumerate(order) if p.startswith("tests"))
+    assert any(p.startswith("pretrain") for p in order[tests_at + 1:])  # the stage went on
+    assert data["counts"]["failed"] == 1 and data["counts"]["timeout"] == 1
+
+
+def test_bench_smoke_writes_every_table(tmp_path):
+    res = run_stage("bench", tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    assert len(os.listdir(tmp_path)) <= 4
+    md, data = report(tmp_path, "bench")
+    for p in data["parts"]:
+        assert p["status"] == "ok", p
+    for title in ("Op benchmark: landmark_patch_embed forward (", "Op benchmark: landmark_patch_embed "
+                  "forward+backward (", "Op targets", "Pretraining step:", "Data side: decode + views",
+                  "GPU utilisation"):
+        assert f"## {title}" in md, title
+    ops = data["data"]["ops"]
+    for pass_name in ("forward", "forward+backward"):
+        impls = ops[pass_name]
+        assert {"fused [cpu]", "fused [triton]", "original per-landmark loop",
+                "vectorised (one grid_sample + F.linear)"} <= set(impls)
+        assert all(v["median_s"] > 0 for v in impls.values())
+    assert "bare GEMM on ready patches" in ops["forward"]
+    steps = data["data"]["step"]["results"]
+    assert {(r["path"], r["with_data"]) for r in steps} == {(p, w) for p in ("fused", "original")
+                                                            for w in (True, False)}
+    assert data["data"]["loader"]["fused_images_per_s"] > 0
+
+
+def test_bad_stage_is_a_usage_error(tmp_path):
+    res = run_stage("benchmark", tmp_path)
+    assert res.returncode == 2 and "usage" in res.stderr

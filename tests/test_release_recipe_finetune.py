@@ -123,7 +123,7 @@ def test_release_augment_is_split_invariant_and_the_same_in_a_dataloader():
     aug = ReleaseAugment()
     one = TrainData(ds, 8, seed=3, workers=0, transform=aug)
     two = [TrainData(ds, 4, seed=3, workers=0, rank=r, world_size=2, transform=aug) for r in range(2)]
-    loader = TrainData(_NotInMemory(ds), 8, seed=3, workers=0, transform=aug)
+    loader = TrainData(_NotInMemory(ds), 8, seed=3, workers=2, transform=aug)  # pickled into workers
     assert not loader.in_memory
     for epoch in (0, 1):
         ref = list(one.epoch_batches(epoch))

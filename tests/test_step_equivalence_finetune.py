@@ -67,7 +67,7 @@ PARAM_ATOL = 1e-6
 # ----------------------------------------------------------------------------- the release, re-stated
 def release_model_from(model: PartFViT, head) -> tuple[torch.nn.Module, dict]:
     """The release's parameters as named tensors (copies of the lafs_fast start), and a copy of
-    the CNN trunk (stn: the release's MobileNetV3 with the same layout, ViT_face.py:573)."""
+    the CNN trunk (stn: the release's MobileNetV3 with the same layout, ViT_face.py:578)."""
     trunk = copy.deepcopy(model.landmark_cnn.features)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     p = {"output_layer.1.weight": sd["landmark_cnn.output_layer.1.weight"],

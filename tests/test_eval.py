@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lafs_fast.eval import (best_threshold, cosine_scores, embed_with_flip, format_table,
+from lafs_fast.eval import (best_threshold, cosine_scores, embed_with_flip, evaluate_pairs, format_table,
+                            pair_scores,
                             ijb_evaluation, kfold_accuracy, load_bin, roc_auc, tar_at_far,
                             template_features, verification_report, write_bin)
 
@@ -119,3 +120,103 @@ def test_ijb_templates_and_scores():
     assert r["auc"] == 1.0 and r["tar_at_far"][0.5]["tar"] == 1.0
     with pytest.raises(ValueError, match="no images"):
         ijb_evaluation(feats, templates, medias, p1=[10], p2=[99], labels=[1])
+
+
+# ----------------------------------------------------------------------------- evaluate_pairs, raw pixels, eval
+def test_evaluate_pairs_on_constructed_embeddings():
+    """Genuine pairs are the same picture (score 1), impostors different random pictures, and
+    one extra pair is a picture and its negative (score -1): AUC and accuracy are known."""
+    g = torch.Generator().manual_seed(0)
+    people = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8, generator=g)
+    images = torch.cat([people.repeat_interleave(2, 0), 255 - people[:1]])   # 2k, 2k+1: person k; 10: -person 0
+    genuine = [(2 * k, 2 * k + 1) for k in range(5)]
+    impostor = [(2 * j, 2 * k) for j in range(5) for k in range(j + 1, 5)]
+    # interleaved, so that each of the 2 contiguous accuracy folds holds both kinds
+    pairs = [p for k in range(5) for p in (genuine[k], impostor[k])] + impostor[5:] + [(0, 10)]
+    i1, i2 = [p[0] for p in pairs], [p[1] for p in pairs]
+    model = nn.Flatten()   # embedding = the pixels (+ their mirror image: flip-sum)
+    right = np.array([True, False] * 5 + [False] * 6)
+    r = evaluate_pairs(model, images, i1, i2, right, n_folds=2)
+    assert (r["n_genuine"], r["n_impostor"]) == (5, 11)
+    assert r["auc"] == 1.0 and r["accuracy"] == 1.0 and r["best_accuracy"] == 1.0
+    assert r["tar_at_far"][1e-3]["tar"] == 1.0
+    # the negative pair labelled genuine: it scores lowest of all (-1), below all 10 impostors
+    wrong = right.copy()
+    wrong[-1] = True
+    r = evaluate_pairs(model, images, i1, i2, wrong, n_folds=2)
+    assert r["auc"] == pytest.approx(5 * 10 / (6 * 10))
+    assert r["best_accuracy"] == pytest.approx(15 / 16)
+
+
+@pytest.mark.parametrize("n_rows", [6, 300])   # few rows, many pairs (one Gram matrix) / row-wise
+def test_pair_scores_equal_cosine_of_the_pairs(n_rows):
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(n_rows, 40, generator=g)
+    i1, i2 = torch.randint(0, n_rows, (2, 200), generator=g)
+    want = cosine_scores(emb[i1], emb[i2])
+    np.testing.assert_allclose(pair_scores(emb, i1.numpy(), i2.numpy()), want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="must be equal"):
+        pair_scores(emb, [0, 1], [1])
+
+
+def fake_orl(held_out_noise):
+    """400 'ORL' images: subject s's 10 pictures are one random face plus per-picture noise."""
+    g = torch.Generator().manual_seed(1)
+    faces = torch.rand(40, 1, 3, 8, 8, generator=g) * 200 + 20
+    noise = torch.randn(40, 10, 3, 8, 8, generator=g) * held_out_noise
+    images = (faces + noise).clamp(0, 255).round().to(torch.uint8).reshape(400, 3, 8, 8)
+    return images, torch.arange(40).repeat_interleave(10)
+
+
+def test_raw_pixel_orl_on_constructed_faces(monkeypatch):
+    from lafs_fast import data as D
+    from lafs_fast.train.data_setup import raw_pixel_orl
+    monkeypatch.setattr(D, "load_orl", lambda: fake_orl(3.0))   # subjects far apart, pictures close
+    r = raw_pixel_orl()
+    assert (r["n_genuine"], r["n_impostor"]) == (450, 4500)
+    assert r["auc"] == 1.0 and r["accuracy"] == 1.0
+    # every picture the same: no information; AUC 0.5 (ties), accuracy = the impostor share
+    monkeypatch.setattr(D, "load_orl", lambda: (torch.full((400, 3, 8, 8), 77, dtype=torch.uint8),
+                                                torch.arange(40).repeat_interleave(10)))
+    r = raw_pixel_orl()
+    assert r["auc"] == 0.5 and r["tar_at_far"][1e-3]["tar"] == 0.0
+    assert r["accuracy"] == pytest.approx(4500 / 4950)
+
+
+def test_raw_pixel_orl_is_the_readme_floor():
+    """The README's raw-pixel row (held-out ORL): 95.52 +- 0.67 %, AUC 0.9269, TAR@1e-3 52.0 %."""
+    from lafs_fast.train.data_setup import raw_pixel_orl
+    r = raw_pixel_orl()
+    assert (r["n_genuine"], r["n_impostor"]) == (450, 4500)
+    assert round(100 * r["accuracy"], 2) == 95.52 and round(100 * r["accuracy_std"], 2) == 0.67
+    assert round(r["auc"], 4) == 0.9269 and round(100 * r["tar_at_far"][1e-3]["tar"], 1) == 52.0
+
+
+@pytest.mark.slow  # ORL held-out embeddings with a Part fViT (~5-10 s)
+def test_eval_command_prints_and_writes_the_table(tmp_path, capsys):
+    """`python -m lafs_fast.train eval --checkpoint model.pt --bins toy.bin`: the ORL held-out
+    pairs and a .bin whose genuine pairs are the same picture twice (AUC 1 for any model)."""
+    import json
+    from lafs_fast.convert import save_model
+    from lafs_fast.models import create_model
+    from lafs_fast.train.__main__ import main as cli_main
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    save_model(create_model("part_fvit_tiny"), str(ckpt))
+    g = torch.Generator().manual_seed(2)
+    pics = [torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g) for _ in range(30)]
+    images, same = [], []
+    for k in range(10):   # genuine: one picture twice; impostor: two different pictures
+        images += [pics[k], pics[k], pics[10 + k], pics[20 + k]]
+        same += [True, False]
+    write_bin(str(tmp_path / "toy.bin"), images, same)
+    reports = cli_main(["eval", "--checkpoint", str(ckpt), "--bins", str(tmp_path / "toy.bin"),
+                        "--device", "cpu", "--batch-size", "50"])
+    out = capsys.readouterr().out
+    assert "ORL held-out" in out and "toy.bin" in out and "AUC" in out and "model.eval.json" in out
+    written = json.loads((tmp_path / "model.eval.json").read_text())
+    assert set(written) == {"ORL held-out", "toy.bin"} == set(reports)
+    assert (written["ORL held-out"]["n_genuine"], written["ORL held-out"]["n_impostor"]) == (450, 4500)
+    assert 0.0 <= written["ORL held-out"]["auc"] <= 1.0
+    assert written["toy.bin"]["n_genuine"] == 10 and written["toy.bin"]["auc"] == 1.0
+    assert f"{written['toy.bin']['auc']:.4f}" in out

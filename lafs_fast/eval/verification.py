@@ -52,9 +52,22 @@ def cosine_scores(emb1: Tensor, emb2: Tensor) -> np.ndarray:
 
 
 def pair_scores(embeddings: Tensor, idx1: Sequence[int], idx2: Sequence[int]) -> np.ndarray:
-    """Cosine scores of pairs (idx1[k], idx2[k]) of one embedding table."""
+    """Cosine scores of pairs (idx1[k], idx2[k]) of one embedding table (cosine_scores' numbers).
+
+    The rows the pairs use are normalised once (float64), then the pairs are scored in chunks of
+    ~256 k values (cache-sized; 9x faster than 16 M here): gathering both rows of every pair at
+    once took 6.8 GB and ~30 s for the raw-pixel floor (4,950 ORL pairs x 37,632 pixels). Row-wise
+    dots, not a Gram matrix: equal rows give exactly equal scores (a BLAS product rounds by
+    position, which would break the ties of, say, a collapsed model's embeddings)."""
     i1, i2 = torch.as_tensor(np.asarray(idx1)), torch.as_tensor(np.asarray(idx2))
-    return cosine_scores(embeddings[i1], embeddings[i2])
+    if i1.shape != i2.shape or i1.dim() != 1:
+        raise ValueError(f"idx1 {tuple(i1.shape)} and idx2 {tuple(i2.shape)} must be equal 1-D")
+    emb = torch.as_tensor(embeddings)
+    used, inv = torch.unique(torch.cat([i1, i2]), return_inverse=True)
+    e = torch.nn.functional.normalize(emb[used].double(), dim=1)
+    chunk = max(1, 2**18 // max(1, e.shape[1]))
+    a, b = inv[:len(i1)].split(chunk), inv[len(i1):].split(chunk)
+    return torch.cat([(e[x] * e[y]).sum(1) for x, y in zip(a, b)] + [e.new_zeros(0)]).numpy()
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 STAGES = ("correctness", "bench")
 # Stage wall budget: parts get what is left of it (each also has its own cap).
-STAGE_BUDGET_S = float(os.environ.get("LAFS_GPU_CHECK_BUDGET_S", "270"))
+STAGE_BUDGET_S = float(os.environ.get("LAFS_GPU_CHECK_BUDGET_S", "240"))
 # Nominal HBM bandwidth by device name (bytes/s), for the traffic-floor ratio next to the
 # measured device-to-device copy bandwidth.
 NOMINAL_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12}
@@ -94,7 +94,11 @@ class Recorder:
         (this command and its children, nothing else) gets SIGTERM, then SIGKILL; rc is 124."""
         timeout = max(5.0, min(timeout, self.left()))
         self.say(f"$ {' '.join(shlex.quote(c) for c in cmd)}  (limit {timeout:.0f} s)")
-        full_env = dict(os.environ, **(env or {}))
+        # the source tree first: it also works when the build fell back to an in-place _C
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+        full_env = dict(os.environ, PYTHONPATH=path)
+        for k, v in (env or {}).items():
+            full_env[k] = os.pathsep.join((v, path)) if k == "PYTHONPATH" else v
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
         try:
@@ -191,13 +195,43 @@ def python() -> str:
     return os.environ.get("PYTHON") or sys.executable
 
 
-# ----------------------------------------------------------------------------- build
+# ----------------------------------------------------------------------------- gpu, build
+def gpu(rec: Recorder) -> bool:
+    """The GPU (nvidia-smi and torch's view of it). False outside smoke mode without one."""
+    with rec.part("gpu") as p:
+        if smoke():
+            p["note"] = "smoke mode: CPU device"
+            return True
+        rc, out = rec.run("nvidia-smi", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,"
+                                         "clocks.max.sm,clocks.max.mem,power.limit", "--format=csv"], 30) \
+            if _which("nvidia-smi") else (127, "no nvidia-smi on PATH")
+        rec.texts.append(("nvidia-smi", out))
+        import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device: nothing to check here (the CPU smoke mode is "
+                               "LAFS_GPU_CHECK_SMOKE=1)")
+        p["note"] = f"{torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}"
+        return True
+    return False
+
+
+def _which(cmd: str) -> bool:
+    import shutil
+    return shutil.which(cmd) is not None
+
+
 def build(rec: Recorder) -> None:
     with rec.part("build") as p:
-        check = ("import json, torch, lafs_fast.ops as o, lafs_fast.kernels; "
-                 "print(json.dumps({'torch': torch.__version__, 'ext': o.EXTENSION_STATUS, "
-                 "'cuda_kernel': o.has_kernel('landmark_patch_embed', 'CUDA'), "
-                 "'gpu': torch.cuda.is_available()}))")
+        check = "\n".join([
+            "import json, torch",
+            "d = {'torch': torch.__version__, 'gpu': torch.cuda.is_available(),",
+            "     'cap': list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None}",
+            "try:",
+            "    import lafs_fast.ops as o, lafs_fast.kernels",
+            "    d.update(ext=o.EXTENSION_STATUS, cuda_kernel=o.has_kernel('landmark_patch_embed', 'CUDA'))",
+            "except Exception as e:  # not built yet, or built for another torch",
+            "    d.update(ext=f'{type(e).__name__}: {e}'[:300], cuda_kernel=False)",
+            "print(json.dumps(d))"])
 
         def probe():
             rc, out = rec.run("build probe", [python(), "-c", check], 120)
@@ -217,15 +251,17 @@ def build(rec: Recorder) -> None:
         if state and state["cuda_kernel"]:
             p["note"] = f"already built for this torch: {state}"
             return
-        env = {"LAFS_FAST_CUDA": "1", "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
+        # one architecture, the lent GPU's (an H200: 9.0): the shortest build
+        cap = (state or {}).get("cap") or [9, 0]
+        env = {"LAFS_FAST_CUDA": "1", "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}"),
                "MAX_JOBS": str(os.cpu_count() or 4)}
         rc, out = rec.run("pip install -e", [python(), "-m", "pip", "install", "--no-build-isolation", "--no-deps",
-                                             "--no-index", "-e", "."], 300, env)
+                                             "--no-index", "-e", "."], 200, env)
         state = probe() if rc == 0 else None
         how = "pip install -e ."
         if not (state and state["cuda_kernel"]):
             # No pip/setuptools editable support: build in place and map lafs_fast.kernels by a link.
-            rc, out = rec.run("setup.py build_ext --inplace", [python(), "setup.py", "build_ext", "--inplace"], 300,
+            rc, out = rec.run("setup.py build_ext --inplace", [python(), "setup.py", "build_ext", "--inplace"], 200,
                               env)
             link = os.path.join(ROOT, "lafs_fast", "kernels")
             if not os.path.exists(link):
@@ -259,11 +295,11 @@ def test_groups() -> list[tuple[str, list[str], float]]:
             "or (low_precision_gradients and small and bf16) or landmark_cnn"], 90)]
     else:
         groups = [
-            ("ops: cuda", [ops, "-k", "cuda and not sm90"], 150),
-            ("ops: triton", [ops, "-k", "triton and not sm90"], 170),
-            ("ops: sm_90 compile, cpu", [ops, "-k", "sm90 or not (cuda or triton)"], 170),
-            ("multicrop", ["tests/test_ops_multicrop.py"], 150),
-            ("low precision", ["tests/test_ops_lowprec.py"], 150),
+            ("ops: cuda", [ops, "-k", "cuda and not sm90"], 120),
+            ("ops: triton", [ops, "-k", "triton and not sm90"], 120),
+            ("ops: sm_90 compile, cpu", [ops, "-k", "sm90 or not (cuda or triton)"], 120),
+            ("multicrop", ["tests/test_ops_multicrop.py"], 120),
+            ("low precision", ["tests/test_ops_lowprec.py"], 120),
             ("views, dropout on cuda", ["tests/test_views.py", "tests/test_views_photometric.py",
                                         "tests/test_dropout.py", "-k", "cuda"], 120),
         ]
@@ -291,7 +327,7 @@ def run_tests(rec: Recorder) -> None:
             cmd = [python(), "-m", "pytest", "-q", "-rs", "-p", "gpu_check_plugin", "-p", "no:cacheprovider",
                    "--gc-results", results, "--gc-timeout", str(per_test_limit(name)), *args]
             jobs.append((name, cmd, cap, results))
-        env = {"PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        env = {"PYTHONPATH": HERE}  # the plugin
         if smoke():
             env["TRITON_INTERPRET"] = "1"
         outcomes: dict[str, tuple[int, str]] = {}
@@ -300,7 +336,8 @@ def run_tests(rec: Recorder) -> None:
             name, cmd, cap, _ = job
             outcomes[name] = rec.run(f"pytest {name}", cmd, cap, env)
 
-        width = 1 if smoke() and (os.cpu_count() or 1) <= 2 else 4
+        # all groups at once on a GPU machine (16 CPUs: Triton compiles in parallel processes)
+        width = 1 if (os.cpu_count() or 1) <= 2 else min(8, len(jobs))
         for start in range(0, len(jobs), width):
             threads = [threading.Thread(target=work, args=(j,)) for j in jobs[start:start + width]]
             for t in threads:
@@ -379,7 +416,7 @@ def training_steps(rec: Recorder) -> None:
             with rec.part(f"{label}: {steps} steps, {device}, {amp}") as p:
                 cmd = [python(), "-m", "lafs_fast.train", *argv, *common]
                 t = time.time()
-                rc, out = rec.run(name, cmd, 90 if smoke() else 120)
+                rc, out = rec.run(name, cmd, 90 if smoke() else 60)
                 ok, why = rc == 0, f"exit status {rc}"
                 metrics = os.path.join(ft_dir if name == "finetune" else pt_dir, "metrics.jsonl")
                 losses = []
@@ -471,10 +508,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn, device, min_reps=5, max_reps=50, budget_s=1.5, warmup=2):
-    """Median and min seconds of fn() (synchronised), after `warmup` calls (JIT, autotune)."""
+def _time(fn, device, min_reps=5, max_reps=50, budget_s=1.5, warmup=2, inner=1):
+    """Median and min seconds of one fn() call, after `warmup` calls (JIT, autotune). Each
+    sample times `inner` back-to-back calls between two synchronisations (on a GPU the host's
+    launch overhead then overlaps the kernels, as in a training step) and divides by `inner`."""
     if smoke():  # the plumbing, not the numbers
-        warmup, min_reps, max_reps = 1, 1, min(max_reps, 2)
+        warmup, min_reps, max_reps, inner = 1, 1, min(max_reps, 2), 1
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -482,9 +521,10 @@ def _time(fn, device, min_reps=5, max_reps=50, budget_s=1.5, warmup=2):
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
         t = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         _sync(device)
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) / inner)
     return statistics.median(times), min(times), len(times)
 
 
@@ -494,7 +534,7 @@ def copy_bandwidth(device) -> float:
     n = (256 << 20) if device == "cuda" else (16 << 20)
     a = torch.empty(n, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    med, _, _ = _time(lambda: b.copy_(a), device, min_reps=5, budget_s=0.5)
+    med, _, _ = _time(lambda: b.copy_(a), device, min_reps=5, budget_s=0.5, inner=4 if device == "cuda" else 1)
     return 2 * n / med
 
 
@@ -555,14 +595,16 @@ def worker_ops() -> dict:
                         fn(images, lm, weight, bias)
             loop = "loop" in impl
             try:
-                res[impl] = _time(step, device, min_reps=2 if loop else 5, max_reps=10 if loop else 50)
+                res[impl] = _time(step, device, min_reps=2 if loop else 5, max_reps=10 if loop else 50,
+                                  inner=1 if loop or device != "cuda" else 10)
             except Exception as e:  # noqa: BLE001  (one implementation failing must not hide the rest)
                 notes.append(f"{pass_name} {impl}: {type(e).__name__}: {str(e)[:200]}")
         if not backward:
             patches = reference.landmark_patches(images, lm, patch_size=P)
-            res["bare GEMM on ready patches"] = _time(lambda: bare_gemm(patches, weight, bias), device)
+            res["bare GEMM on ready patches"] = _time(lambda: bare_gemm(patches, weight, bias), device,
+                                                      inner=10 if device == "cuda" else 1)
         loop_t = res.get("original per-landmark loop", (None,))[0]
-        lines = ["| implementation | median ms | min ms | reps | speed-up vs loop | time / floor (copy BW) | "
+        lines = ["| implementation | median ms | min ms | samples | speed-up vs loop | time / floor (copy BW) | "
                  "time / floor (nominal) |", "|---|---:|---:|---:|---:|---:|---:|"]
         for impl, (med, mn, reps) in sorted(res.items(), key=lambda kv: kv[1][0]):
             up = f"{loop_t / med:.1f}x" if loop_t else "-"
@@ -727,6 +769,9 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     rec = Recorder(args.stage, out)
     rec.say(f"stage {args.stage}, smoke={smoke()}, out={out}, python={python()}")
+    if not gpu(rec):  # nothing to check without a GPU (and no build into a CPU machine's tree)
+        print(rec.finish())
+        return 0
     build(rec)
     if args.stage == "correctness":
         info(rec)

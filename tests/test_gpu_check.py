@@ -120,3 +120,18 @@ def test_bench_smoke_writes_every_table(tmp_path):
 def test_bad_stage_is_a_usage_error(tmp_path):
     res = run_stage("benchmark", tmp_path)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_without_a_gpu_the_full_stage_stops_after_saying_so(tmp_path, monkeypatch):
+    """Outside smoke mode on a machine without a GPU: a failed 'gpu' part, no build into the
+    source tree, the report written, exit status 0."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gpu_check
+    monkeypatch.delenv("LAFS_GPU_CHECK_SMOKE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["correctness", "--out", str(tmp_path)]) == 0
+    md, data = report(tmp_path, "correctness")
+    assert [p["part"] for p in data["parts"]] == ["gpu"]
+    assert data["parts"][0]["status"] == "failed" and "no CUDA device" in data["parts"][0]["note"]
+    assert "| gpu | failed |" in md

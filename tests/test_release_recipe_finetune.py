@@ -258,3 +258,70 @@ def test_val_bins_log_accuracy_per_set_and_keep_the_best(tmp_path):
 def test_val_bins_must_exist():
     with pytest.raises(SystemExit):
         C.parse(finetune.FinetuneConfig, ["--dataset", "synthetic", "--val-bins", "/no/such/lfw.bin"])
+
+
+# ----------------------------------------------------------------------------- 2 ranks (gloo)
+def _dist_config(out_dir, batch):
+    # grid landmarks: a trained landmark CNN makes trajectories chaotic in rounding (see test_distributed)
+    return finetune.FinetuneConfig(dataset="synthetic", landmarks="grid", batch_size=batch, epochs=1,
+                                   warmup_epochs=0.5, lr=5e-3, eval=False, mixup_prob=1.0, augment="release",
+                                   accum_steps=3, out_dir=str(out_dir), log_every=1, threads=1, progress=False,
+                                   device="cpu", fast_dropout=False)
+
+
+def _patched_create(name, **kw):
+    from lafs_fast.models import create_model
+    model = create_model(name, depth=1, dropout=0.0, emb_dropout=0.0, drop_path=0.0, **kw)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _dist_worker(rank, port, root):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    finetune.create_model = _patched_create
+    from lafs_fast.train import distributed
+    try:
+        finetune.run(_dist_config(f"{root}/w2", 4))
+    finally:
+        distributed.shutdown()
+
+
+def test_two_ranks_accumulating_with_the_release_augmentation_train_like_one(tmp_path, monkeypatch):
+    """World 2 x 4 images x 3 micro-batches (DDP no_sync on the first two, release augmentation
+    in each rank's loader, mixup partners across ranks) = world 1 x 8 x 3, to float32 rounding
+    (tolerances as tests/test_distributed.py: losses and weights rtol 1e-4, atol 1e-5)."""
+    import multiprocessing
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_dist_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    monkeypatch.setattr(finetune, "create_model", _patched_create)
+    threads = torch.get_num_threads()
+    try:
+        ref = finetune.run(_dist_config(tmp_path / "w1", 8))
+    finally:
+        torch.set_num_threads(threads)
+    assert ref["steps"] == 48 // 8 // 3
+
+    def losses(d):
+        return torch.tensor([json.loads(l)["loss"] for l in open(d / "metrics.jsonl")
+                             if json.loads(l).get("stage") == "finetune"][:ref["steps"]])
+
+    torch.testing.assert_close(losses(tmp_path / "w2"), losses(tmp_path / "w1"), rtol=1e-4, atol=1e-5)
+    a = torch.load(tmp_path / "w1" / "model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "w2" / "model.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    torch.manual_seed(0)  # the runs' start (setup_run seeds with --seed 0, then builds the model)
+    start = _patched_create("part_fvit_tiny", landmarks="grid").state_dict()
+    assert max((a[k] - start[k]).abs().max().item() for k in a if a[k].is_floating_point()) > 1e-3  # it trained

@@ -1,13 +1,17 @@
 """One LAFS pretraining step two ways, same model, batch and views (bench/step_throughput.py and
-bench/test_bench_step.py time them side by side):
+bench/test_bench_step.py time them side by side; bench/release_step.py runs the release's own step
+when its checkout is given):
 
 fused     lafs_fast's step: decode the batch, batched views as tensor ops, one landmark-CNN call
           for all views, one multicrop_embed (each global patch sampled once for student and
-          teacher), foreach EMA.
-original  a faithful re-creation of the release's step: per-image PIL decode and per-view PIL
-          transforms (DINO's DataAugmentation: 20 crops per face), one landmark-CNN call per view,
-          one grid_sample per landmark + Linear per view, the teacher sampling its global views
-          again, plain-Python EMA.
+          teacher), global gradient clip, foreach AdamW and EMA.
+original  a re-creation of the release's step on lafs_fast's modules, structured as its
+          train_one_epoch: per-image PIL decode and per-view PIL transforms (DataAugmentation_LAFS:
+          20 crops per face); the landmark CNN (NCHW, BatchNorms unfolded) and one grid_sample per
+          landmark on global view 1, global view 2, then all local views in one batch; the teacher
+          embeds the student's global patches; torch dropout and explicit softmax attention;
+          per-tensor gradient clipping with one .item() each; torch's default AdamW (a per-tensor
+          loop on CPU); a Python-loop EMA.
 
 Both start from the same JPEG bytes in memory (a .rec file's payloads), so "with data" times the
 decode as well.
@@ -53,8 +57,12 @@ def make_setup(model="part_fvit_tiny", batch=16, n_local=8, out_dim=4096, head_h
     net = net.to(device)
     vcfg = views.ViewConfig(size=net.student.image_size, n_local=n_local)
     dino = ssl.DINOLoss(out_dim, n_global=2, n_views=2 + n_local, total_epochs=10).to(device)
-    opt = torch.optim.AdamW([p for m in net.student_modules() for p in m.parameters()], lr=1e-4,
-                            foreach=device == "cpu" or None, fused=None if device == "cpu" else True)
+    params = [p for m in net.student_modules() for p in m.parameters()]
+    if original:  # the release's torch.optim.AdamW(groups): torch's defaults (per-tensor loop on CPU)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+    else:  # lafs_fast.train.common.make_adamw
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=device == "cpu" or None,
+                                fused=None if device == "cpu" else True)
     return net, vcfg, dino, opt
 
 
@@ -131,30 +139,35 @@ def original_data(payloads, augment: OriginalAugmentation):
 
 
 # ----------------------------------------------------------------------------- steps
-def fused_step(net, v, dino, opt, amp, gen, momentum=0.996):
+def fused_step(net, v, dino, opt, amp, gen, momentum=0.996, clip=3.0):
+    """lafs_fast's step as lafs_fast.train.pretrain runs it (one global gradient-norm clip)."""
     with amp:
         s_out, t_out = net(v, seed=1234, generator=gen)
     loss = dino(s_out.float(), t_out.float(), 0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
     s = [p for m in net.student_modules() for p in m.parameters()]
+    if clip:
+        torch.nn.utils.clip_grad_norm_(s, clip)
+    opt.step()
+    loss.item()  # pretrain logs the loss every step
     t = [p for m in (net.teacher, net.teacher_head) for p in m.parameters()]
     ssl.ema_update_(t, s, momentum)
     return loss
 
 
-def _loop_tokens(model, images, lms, index=None, sigma=5.0):
-    """The release: noise from the host RNG, one grid_sample per landmark, then Linear."""
+def _loop_patches(images, lms, index=None, sigma=5.0, patch_size=8):
+    """The release: noise from the host RNG on all N landmarks, then (local views) the subset,
+    then one grid_sample per landmark. Returns raw (B, K, P*P*C) patches: the release samples
+    once per view and feeds the same patches to the student's and the teacher's embedding."""
+    lms = lms + sigma * torch.randn(lms.shape).to(lms.device)
     if index is not None:
         lms = torch.gather(lms, 1, index[..., None].expand(-1, -1, 2))
-    lms = lms + sigma * torch.randn(lms.shape).to(lms.device)
-    patches = reference.landmark_patches_loop(images, lms, model.patch_size)
-    return F.linear(patches, model.patch_embed.weight, model.patch_embed.bias)
+    return reference.landmark_patches_loop(images, lms, patch_size)
 
 
 def _original_landmarks(net, images):
-    """The release calls the landmark CNN once per view, on the plain (NCHW) layout."""
+    """The release's landmark CNN: plain (NCHW) layout, BatchNorms not folded."""
     cnn = net.landmark_cnn
     if cnn is None:
         return net.landmarks(images)
@@ -163,29 +176,49 @@ def _original_landmarks(net, images):
         return normalize_landmarks(raw.float(), cnn.image_size)
 
 
-def original_step(net, v, dino, opt, amp, gen, momentum=0.996):
-    G, L = 2, v.clean_local.shape[0] // v.batch_size
+def clip_per_tensor_(params, clip):
+    """The release's utils.clip_gradients: each tensor's gradient clipped to norm `clip` on its
+    own, one .item() per tensor (it logs the norms)."""
+    norms = []
+    for p in params:
+        if p.grad is not None:
+            n = p.grad.norm(2)
+            norms.append(n.item())
+            coef = clip / (n + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+    return norms
+
+
+def original_step(net, v, dino, opt, amp, gen, momentum=0.996, clip=3.0):
+    """The release's train_one_epoch body, re-stated on lafs_fast's modules: the landmark CNN
+    and per-landmark sampling on global view 1, global view 2, then all local views in one batch
+    (3 CNN calls); the teacher embeds the student's global patches; per-tensor clipping; a
+    Python-loop EMA."""
     B = v.batch_size
+    s, t = net.student, net.teacher
     with amp:
-        lm_views = [_original_landmarks(net, c) for c in v.clean_global.split(B)] + \
-                   [_original_landmarks(net, c) for c in v.clean_local.split(B)]  # one CNN call per view
-        index = views.landmark_view_index(B * L, net.student.num_landmarks, net.local_k, True, gen,
+        g_patches = [_loop_patches(aug, _original_landmarks(net, clean), patch_size=s.patch_size)
+                     for clean, aug in zip(v.clean_global.split(B), v.aug_global.split(B))]
+        index = views.landmark_view_index(v.clean_local.shape[0], s.num_landmarks, net.local_k, True, gen,
                                           v.clean_local.device)
-        s_tok = [_loop_tokens(net.student, img, lm) for img, lm in zip(v.aug_global.split(B), lm_views[:G])]
-        s_tok += [_loop_tokens(net.student, img, lm, idx) for img, lm, idx in
-                  zip(v.aug_local.split(B), lm_views[G:], index.split(B))]
-        s_out = net.student_head(torch.cat([net.student.forward_tokens(torch.cat(s_tok[:G])),
-                                            net.student.forward_tokens(torch.cat(s_tok[G:]))]))
+        l_patches = _loop_patches(v.aug_local, _original_landmarks(net, v.clean_local), index, patch_size=s.patch_size)
+        g_patches = torch.cat(g_patches)
+        embed = lambda m, x: F.linear(x, m.patch_embed.weight, m.patch_embed.bias)  # noqa: E731
+        s_out = net.student_head(torch.cat([s.forward_tokens(embed(s, g_patches)),
+                                            s.forward_tokens(embed(s, l_patches))]))
         with torch.no_grad():
-            t_tok = [_loop_tokens(net.teacher, img, lm) for img, lm in zip(v.aug_global.split(B), lm_views[:G])]
-            t_out = net.teacher_head(net.teacher.forward_tokens(torch.cat(t_tok)))
+            t_out = net.teacher_head(t.forward_tokens(embed(t, g_patches)))
     loss = dino(s_out.float(), t_out.float(), 0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    student = [p for m in net.student_modules() for p in m.parameters()]
+    if clip:
+        clip_per_tensor_(student, clip)
     opt.step()
+    loss.item()  # the release logs the loss every step
     with torch.no_grad():  # the release's EMA: a Python loop over parameters
-        for ps, pt in zip([p for m in net.student_modules() for p in m.parameters()],
-                          [p for m in (net.teacher, net.teacher_head) for p in m.parameters()]):
+        for ps, pt in zip(student, [p for m in (net.teacher, net.teacher_head) for p in m.parameters()]):
             pt.data.mul_(momentum).add_((1 - momentum) * ps.detach().data)
     return loss
 

@@ -255,6 +255,19 @@ def test_val_bins_log_accuracy_per_set_and_keep_the_best(tmp_path):
     assert math.isclose(acc["setA"], best["acc_setA"]) and math.isclose(acc["setB"], best["acc_setB"])
 
 
+def test_a_resumed_validator_keeps_the_best_so_far(tmp_path):
+    bins = _write_bins(tmp_path)
+    torch.manual_seed(0)
+    model = finetune.create_model("part_fvit_tiny")
+    first = finetune.Validator(bins, 112, str(tmp_path), common.JsonlLogger(None))
+    acc = first(model, 10, 0)
+    assert os.path.exists(tmp_path / "best.pt") and first.best == acc["mean"]
+    again = finetune.Validator(bins, 112, str(tmp_path), common.JsonlLogger(None), resume=True)
+    assert again.best == acc["mean"]  # a later, not better model will not replace best.pt
+    fresh = finetune.Validator(bins, 112, str(tmp_path), common.JsonlLogger(None))
+    assert fresh.best == -math.inf  # a new run starts its own best
+
+
 def test_val_bins_must_exist():
     with pytest.raises(SystemExit):
         C.parse(finetune.FinetuneConfig, ["--dataset", "synthetic", "--val-bins", "/no/such/lfw.bin"])

@@ -262,9 +262,11 @@ def optimizer_step(cfg: FinetuneConfig, opt, scaler, params, head=None) -> torch
 class Validator:
     """--val-bins: flip-sum 10-fold accuracy of each .bin (insightface's protocol, images in the
     training range [-1, 1]), a metrics line per evaluation, and best.pt (highest mean accuracy
-    over the sets) kept beside the last model. Rank 0 only."""
+    over the sets) kept beside the last model. Rank 0 only. A resumed run continues from the
+    best.pt already in out_dir (its mean accuracy), so a worse later model never replaces it."""
 
-    def __init__(self, paths: list[str], image_size: int, out_dir: str, logger, batch_size: int = 64):
+    def __init__(self, paths: list[str], image_size: int, out_dir: str, logger, batch_size: int = 64,
+                 resume: bool = False):
         from ..eval import load_bin
         self.sets = {}
         for p in paths:
@@ -275,6 +277,9 @@ class Validator:
         self.out_dir, self.logger, self.batch_size = out_dir, logger, batch_size
         self.best = -math.inf
         self.best_path = os.path.join(out_dir, "best.pt")
+        if resume and self.sets and os.path.exists(self.best_path):
+            from ..checkpoint import load_checkpoint
+            self.best = float(load_checkpoint(self.best_path).get("val_mean", -math.inf))
 
     def __bool__(self) -> bool:
         return bool(self.sets)
@@ -290,7 +295,7 @@ class Validator:
         improved = mean > self.best
         if improved:
             self.best = mean
-            save_model(model, self.best_path, stage="finetune", step=step, val_accuracy=acc)
+            save_model(model, self.best_path, stage="finetune", step=step, val_accuracy=acc, val_mean=mean)
         self.logger.log(stage="val", step=step, epoch=epoch, **{f"acc_{k}": v for k, v in acc.items()},
                         acc_mean=mean, best_mean=self.best, saved_best=improved)
         return {"mean": mean, **acc}
@@ -422,7 +427,8 @@ def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
         if me.is_main:  # shard files of checkpoints the ring removed
             partial_fc.prune_shards(cfg.out_dir)
 
-    validator = Validator(cfg.val_bins, model.image_size, cfg.out_dir, logger) if me.is_main else None
+    validator = Validator(cfg.val_bins, model.image_size, cfg.out_dir, logger, resume=cfg.resume) \
+        if me.is_main else None
     params = list(model.parameters()) + list(head.parameters())
     t_start, seen = time.time(), 0
     ends = common.LoopEnds(cfg, logger, save, log_prefix, step)

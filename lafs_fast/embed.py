@@ -180,21 +180,23 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
     feats = np.full((N, model.dim), np.nan, dtype=np.float32)
     bad: dict[int, str] = {}
     done, t0 = 0, time.time()
+    tty = sys.stderr.isatty()
     for batch in batches:
         good = [(i, img) for i, img, err in batch if img is not None]
         for i, img, err in batch:
             if img is None:
                 bad[i] = err
-                print(f"\nunreadable, skipped: {names[i]}: {err}", file=sys.stderr)
+                print(f"{chr(10) if tty else ''}unreadable, skipped: {names[i]}: {err}", file=sys.stderr)
         if good:
             x = torch.stack([img for _, img in good]).to(dev, non_blocking=True)
             feats[[i for i, _ in good]] = embed_uint8(model, x, flip).numpy()
-        done += len(batch)
-        if progress:
+        before, done = done, done + len(batch)
+        # a rewritten line on a terminal; otherwise (logs) a line per tenth of the input
+        if progress and (tty or done == N or done * 10 // N != before * 10 // N):
             rate = done / max(1e-9, time.time() - t0)
-            print(f"\rembedded {done}/{N} images ({rate:.1f} img/s, {len(bad)} unreadable)", end="",
-                  file=sys.stderr, flush=True)
-    if progress:
+            print(f"{chr(13) if tty else ''}embedded {done}/{N} images ({rate:.1f} img/s, {len(bad)} unreadable)",
+                  end="" if tty else chr(10), file=sys.stderr, flush=True)
+    if progress and tty:
         print(file=sys.stderr)
     out = out[:-4] if out.endswith(".npy") else out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -220,3 +220,21 @@ def test_eval_command_prints_and_writes_the_table(tmp_path, capsys):
     assert 0.0 <= written["ORL held-out"]["auc"] <= 1.0
     assert written["toy.bin"]["n_genuine"] == 10 and written["toy.bin"]["auc"] == 1.0
     assert f"{written['toy.bin']['auc']:.4f}" in out
+
+
+def test_evaluate_pairs_embeds_only_the_images_the_pairs_use():
+    seen = []
+
+    class Count(nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return x.flatten(1)
+
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (12, 3, 4, 4), dtype=torch.uint8, generator=g)
+    i1, i2, same = [9, 2, 9, 5], [2, 7, 5, 7], np.array([True, False, True, False])
+    r = evaluate_pairs(Count(), images, i1, i2, same, n_folds=2, batch_size=64)
+    assert sum(seen) == 2 * 4   # images 2, 5, 7, 9, each plain and mirrored
+    emb = embed_with_flip(nn.Flatten(), images)
+    want = verification_report(pair_scores(emb, i1, i2), same, n_folds=2)
+    assert r["auc"] == want["auc"] and r["accuracy"] == want["accuracy"]

@@ -128,6 +128,9 @@ def test_embed_refuses_bad_arguments(model_file, tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert embed.main(["--checkpoint", str(tmp_path / "junk.pt"), "--images", str(tmp_path)]) == 2
     assert "junk.pt" in capsys.readouterr().err
+    torch.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, tmp_path / "step-00000001.pt")
+    assert embed.main(["--checkpoint", str(tmp_path / "step-00000001.pt"), "--images", str(tmp_path)]) == 2
+    assert "training checkpoint" in capsys.readouterr().err
 
 
 def test_grid_sample_patches_is_the_patch_op():

@@ -434,3 +434,45 @@ def test_torchrun_finetune_with_partial_fc_and_sampling(tmp_path):
                                                                    "step-00000003.pt.head-1-of-2"]
     s = torch.load(out / "step-00000003.pt.head-1-of-2")
     assert s["sample_step"] == 3 and (s["lo"], s["hi"]) == (4, 8)
+
+
+def test_shard_checkpoints_reshard_to_any_world_size(tmp_path):
+    """Shards written by 2 ranks of 11 classes load into 3 ranks ([0,3), [3,7), [7,11): every
+    overlap pattern), 1 rank and a replicated head, weights and AdamW moments alike (one AdamW
+    step on the full matrix is the reference: elementwise, so shards reproduce it exactly)."""
+    from lafs_fast.models.partial_fc import checkpoint_parts, load_head
+    g = torch.Generator().manual_seed(9)
+    W0, G = torch.randn(C, D, generator=g), torch.randn(C, D, generator=g)
+    full = nn.Parameter(W0.clone())
+    ref_opt = torch.optim.AdamW([full], lr=0.1)
+    full.grad = G.clone()
+    ref_opt.step()
+    path = str(tmp_path / "step-00000001.pt")
+    state = None
+    for r in range(2):
+        h = PartialFC(D, C, rank=r, world_size=2)
+        with torch.no_grad():
+            h.weight.copy_(W0[h.lo:h.hi])
+        opt = torch.optim.AdamW(h.parameters(), lr=0.1)
+        h.weight.grad = G[h.lo:h.hi].clone()
+        opt.step()
+        layout, opt_sd = checkpoint_parts(h, opt, path)
+        assert opt_sd["state"] == {}  # the moments live in the shard files
+        if r == 0:
+            state = {"head": layout, "optimizer": opt_sd}
+    assert sorted(os.listdir(tmp_path)) == ["step-00000001.pt.head-0-of-2", "step-00000001.pt.head-1-of-2"]
+    torch.save(state, path)
+    heads = [PartialFC(D, C, rank=r, world_size=w) for w in (3, 1) for r in range(w)] + [CosFace(D, C)]
+    for h in heads:
+        opt = torch.optim.AdamW(h.parameters(), lr=0.1)
+        load_head(state, path, h, opt)
+        lo, hi = (h.lo, h.hi) if isinstance(h, PartialFC) else (0, C)
+        torch.testing.assert_close(h.weight.detach(), full.detach()[lo:hi], rtol=0, atol=0)
+        st = opt.state[h.weight]
+        torch.testing.assert_close(st["exp_avg"], ref_opt.state[full]["exp_avg"][lo:hi], rtol=0, atol=0)
+        torch.testing.assert_close(st["exp_avg_sq"], ref_opt.state[full]["exp_avg_sq"][lo:hi], rtol=0, atol=0)
+        assert float(st["step"]) == 1
+    # a head of another class count is refused
+    h12 = PartialFC(D, 12)
+    with pytest.raises(ValueError, match="11 classes, this run has 12"):
+        load_head(state, path, h12, torch.optim.AdamW(h12.parameters()))

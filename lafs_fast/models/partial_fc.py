@@ -325,7 +325,7 @@ def checkpoint_parts(head: nn.Module, opt: torch.optim.Optimizer, checkpoint: st
         "hi": head.hi, "num_classes": head.num_classes, "weight": head.weight.detach().cpu(),
         "optimizer": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in moments.items()},
         "sample_step": int(head.sample_step)})
-    if head.world_size > 1:
+    if _world()[1] > 1:
         dist.barrier()  # every shard is on disk before rank 0 writes the checkpoint naming them
     layout = {"partial_fc": True, "num_classes": head.num_classes, "embedding_dim": head.embedding_dim,
               "world_size": head.world_size, "loss": head.loss_kind,

@@ -769,8 +769,9 @@ def main(argv=None) -> int:
     if args.stage not in STAGES:
         print(f"usage: gpu_check.py {{{','.join(STAGES)}}} [--out DIR]; got {args.stage!r}", file=sys.stderr)
         return 2
-    if smoke():  # every child process (tests, workers) interprets Triton on the CPU
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if smoke():  # every child process (tests, workers) runs on the CPU, Triton interpreted, even
+        os.environ["TRITON_INTERPRET"] = "1"  # on a machine with a GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     out = args.out or os.path.join(HERE, "out", args.stage)
     os.makedirs(out, exist_ok=True)
     rec = Recorder(args.stage, out)

@@ -253,8 +253,8 @@ def build(rec: Recorder) -> None:
             return
         # one architecture, the lent GPU's (an H200: 9.0): the shortest build
         cap = (state or {}).get("cap") or [9, 0]
-        env = {"LAFS_FAST_CUDA": "1", "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}"),
-               "MAX_JOBS": str(os.cpu_count() or 4)}
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}")
+        env = {"LAFS_FAST_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 4)}
         rc, out = rec.run("pip install -e", [python(), "-m", "pip", "install", "--no-build-isolation", "--no-deps",
                                              "--no-index", "-e", "."], 200, env)
         state = probe() if rc == 0 else None

@@ -65,13 +65,25 @@ def save_checkpoint(path: str, state: dict) -> None:
         pass
 
 
+def _numpy_state_globals() -> list:
+    """What a training checkpoint's numpy random state (a uint32 array) unpickles through, so that
+    `--landmark-init` / `--init` accept a step-*.pt under weights_only loading: plain arrays and
+    dtypes only, no arbitrary code."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
     """torch.load with weights_only=True (argparse.Namespace allowed: DINO saves its args);
     a clear CheckpointError for missing, truncated or corrupt files."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *_numpy_state_globals()]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         size = os.path.getsize(path)

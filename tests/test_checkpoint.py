@@ -300,3 +300,23 @@ def test_partial_loading_for_training(release, tmp_path):
     small = PartFViT(**{**cfg, "dim": 16})
     with pytest.raises(CheckpointError, match="patch_to_embedding"):
         load_backbone_into(small, release["path"], part="vit")
+
+
+def test_training_state_checkpoint_loads_weights_only(tmp_path):
+    """A step-*.pt (with the run's numpy random state) serves as --landmark-init / --init."""
+    import numpy as np
+    from lafs_fast.checkpoint import load_backbone_into, load_checkpoint
+    from lafs_fast.models import create_model
+    src, dst = create_model("part_fvit_tiny"), create_model("part_fvit_tiny")
+    path = tmp_path / "step-00000001.pt"
+    torch.save({"model": src.state_dict(), "config": {}, "model_config": src.config, "kind": "finetune",
+                "rng": {"numpy": np.random.get_state()}, "step": 1}, path)
+    obj = load_checkpoint(str(path))
+    assert obj["rng"]["numpy"][1].dtype == np.uint32
+    load_backbone_into(dst, str(path), part="landmark_cnn")
+    for (k, a), b in zip(src.landmark_cnn.state_dict().items(), dst.landmark_cnn.state_dict().values()):
+        assert torch.equal(a, b), k
+    # still weights-only: an arbitrary object is refused with the clear error
+    torch.save({"model": src.state_dict(), "bad": object()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="cannot read checkpoint"):
+        load_checkpoint(str(tmp_path / "evil.pt"))

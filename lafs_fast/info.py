@@ -28,6 +28,15 @@ def backend_status() -> dict:
     return status
 
 
+def cpu_isa() -> str:
+    """The instruction-set path of the CPU kernels (LAFS_FAST_CPU_ISA forces a lower one)."""
+    from . import ops
+    if not ops.HAS_EXTENSION or not hasattr(torch.ops.lafs_fast, "cpu_isa"):
+        return "unavailable (no lafs_fast._C)"
+    return (f"{torch.ops.lafs_fast.cpu_isa()} (supported: "
+            f"{', '.join(torch.ops.lafs_fast.cpu_isa_supported())}; force with LAFS_FAST_CPU_ISA)")
+
+
 def info() -> dict:
     from . import COMPILED_FROM, __version__, ops
     try:
@@ -42,6 +51,7 @@ def info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_isa": cpu_isa(),
         "extension": ops.EXTENSION_STATUS,
         "package": os.path.dirname(os.path.abspath(__file__)),
         "compiled_from": COMPILED_FROM or "the package folder",

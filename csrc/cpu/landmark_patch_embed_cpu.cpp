@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -88,25 +89,39 @@ Geometry<S> make_geometry(const at::Tensor& images, const at::Tensor& lm_c,
   return g;
 }
 
+// Runs f(isa tag): the active instruction-set path for float32 and bfloat16 images (training);
+// float64 (gradcheck) and float16 always take the baseline build, which keeps the compile time
+// of this file in bounds (each path is a full copy of every row kernel).
+template <typename S, typename F>
+void with_row_isa(F&& f) {
+  if constexpr (std::is_same_v<S, float> || std::is_same_v<S, c10::BFloat16>) {
+    with_cpu_isa(f);
+  } else {
+    f(IsaTag<CpuIsa::kBaseline>{});
+  }
+}
+
 // process_range over rows [r0, r1) in parallel: over rows, or over images when image
 // gradients are scattered (one thread per image, rows in order: deterministic, no atomics).
 template <typename S>
 void process_rows(const Geometry<S>& G, int64_t r0, int64_t r1, acc_t<S>* patch,
                   const acc_t<S>* gp, acc_t<S>* slot_grad, acc_t<S>* gimg) {
-  with_shape(G.P, G.C, [&](auto pp, auto cc) {
-    constexpr int PP = decltype(pp)::value, CC = decltype(cc)::value;
-    if (!gimg) {
-      at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
-        process_range<PP, CC, S>(G, begin, end, r0, patch, gp, slot_grad, nullptr);
-      });
-      return;
-    }
-    const int64_t b0 = r0 / G.K, b1 = (r1 - 1) / G.K + 1;
-    at::parallel_for(b0, b1, 1, [&](int64_t bb, int64_t be) {
-      for (int64_t b = bb; b < be; ++b) {
-        process_range<PP, CC, S>(G, std::max(r0, b * G.K), std::min(r1, (b + 1) * G.K), r0,
-                                 patch, gp, slot_grad, gimg);
+  with_row_isa<S>([&](auto isa) {
+    with_shape(G.P, G.C, [&](auto pp, auto cc) {
+      if (!gimg) {
+        at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+          process_range_isa(isa, pp, cc, G, begin, end, r0, patch, gp, slot_grad,
+                            static_cast<acc_t<S>*>(nullptr));
+        });
+        return;
       }
+      const int64_t b0 = r0 / G.K, b1 = (r1 - 1) / G.K + 1;
+      at::parallel_for(b0, b1, 1, [&](int64_t bb, int64_t be) {
+        for (int64_t b = bb; b < be; ++b) {
+          process_range_isa(isa, pp, cc, G, std::max(r0, b * G.K), std::min(r1, (b + 1) * G.K),
+                            r0, patch, gp, slot_grad, gimg);
+        }
+      });
     });
   });
 }
@@ -188,6 +203,17 @@ void for_groups(int64_t n, const F& body) {
 // no two groups write to the same image.
 constexpr int64_t kBackwardGroups = 8;
 constexpr int64_t kMinGroupRows = 64;
+
+// acc[d] += sum of rows[r][d] for d in [d0, d1), in double (grad_bias partials).
+template <typename T>
+LAFS_INLINE void add_rows_double(const T* rows, int64_t n, int64_t D, int64_t d0, int64_t d1,
+                                 double* acc) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = rows + r * D;
+    for (int64_t d = d0; d < d1; ++d) acc[d] += static_cast<double>(row[d]);
+  }
+}
+LAFS_ISA_WRAPPERS(add_rows_double_isa, add_rows_double)
 
 // ------------------------------------------------------------------------------------ ops
 at::Tensor landmark_patch_embed_cpu(const at::Tensor& images, const at::Tensor& landmarks,
@@ -291,11 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
           if (need_b) {
             const T* gp = goc.const_data_ptr<T>();
             double* acc = b_part[s].mutable_data_ptr<double>();
-            at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
-              for (int64_t r = 0; r < rows; ++r) {
-                const T* row = gp + r * D;
-                for (int64_t d = d0; d < d1; ++d) acc[d] += static_cast<double>(row[d]);
-              }
+            with_cpu_isa([&](auto isa) {
+              at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
+                add_rows_double_isa(isa, gp, rows, D, d0, d1, acc);
+              });
             });
           }
           // Patch gradients first, so one pass over the rows both samples the patches (for

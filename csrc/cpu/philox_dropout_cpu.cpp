@@ -2,8 +2,8 @@
 // which outside Intel CPUs runs one mt19937 draw per element on one thread (about a fifth of a
 // small ViT training step on this project's AMD machine). Here the mask of element i (flat index
 // of the contiguous tensor) is a pure function of (seed, i): any thread computes any element, the
-// loop vectorises (8 lanes of 32-bit integer maths), and the backward recomputes the mask instead
-// of saving it. The function (oracle: lafs_fast/reference.py, dropout_keep_mask):
+// loop vectorises (8 or 16 lanes of 32-bit integer maths), and the backward recomputes the mask
+// instead of saving it. The function (oracle: lafs_fast/reference.py, dropout_keep_mask):
 //   (k0, k1) = the two 32-bit halves of splitmix64(seed)
 //   h = mix32(mix32(lo32(i) ^ k0) ^ hi32(i) ^ k1)     mix32 = Wellons' lowbias32 integer hash
 //   keep iff h >= round(p * 2^32);  y = x * (keep ? 1 / (1 - p) : 0)
@@ -43,7 +43,7 @@ inline uint64_t splitmix64(uint64_t z) {
 
 // One contiguous range [begin, end); values are scaled in acc_t (float, double for float64,
 // which gradcheck uses). The select picks the factor, then one unconditional multiply: branch-free,
-// so the loop vectorises (AVX2 clone: 8 lanes of 32-bit multiplies).
+// so the loop vectorises.
 template <typename scalar_t, typename acc_t>
 LAFS_INLINE void dropout_range(const scalar_t* x, scalar_t* y, int64_t begin, int64_t end, uint32_t k0,
                                uint32_t k1, uint32_t threshold, acc_t scale) {
@@ -55,15 +55,9 @@ LAFS_INLINE void dropout_range(const scalar_t* x, scalar_t* y, int64_t begin, in
   }
 }
 
-LAFS_MULTIVERSION void dropout_range_float(const float* x, float* y, int64_t begin, int64_t end, uint32_t k0,
-                                           uint32_t k1, uint32_t threshold, float scale) {
-  dropout_range<float, float>(x, y, begin, end, k0, k1, threshold, scale);
-}
-
-LAFS_MULTIVERSION void dropout_range_double(const double* x, double* y, int64_t begin, int64_t end, uint32_t k0,
-                                            uint32_t k1, uint32_t threshold, double scale) {
-  dropout_range<double, double>(x, y, begin, end, k0, k1, threshold, scale);
-}
+// dropout_range_isa(IsaTag, ...): dropout_range compiled for each instruction-set path
+// (common/multiversion.h): 16 lanes of 32-bit integer maths with AVX-512, 8 with AVX2.
+LAFS_ISA_WRAPPERS(dropout_range_isa, dropout_range)
 
 template <typename scalar_t>
 void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint64_t seed, uint32_t threshold, double p) {
@@ -71,14 +65,10 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint64_t seed, ui
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
   const uint64_t key = splitmix64(seed);
   const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      dropout_range_float(x, y, begin, end, k0, k1, threshold, scale);
-    } else if constexpr (std::is_same_v<scalar_t, double>) {
-      dropout_range_double(x, y, begin, end, k0, k1, threshold, scale);
-    } else {  // bfloat16 / half (CPU autocast): the baseline loop
-      dropout_range<scalar_t, acc_t>(x, y, begin, end, k0, k1, threshold, scale);
-    }
+  with_cpu_isa([&](auto isa) {
+    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+      dropout_range_isa(isa, x, y, begin, end, k0, k1, threshold, scale);
+    });
   });
 }
 

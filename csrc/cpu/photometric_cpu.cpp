@@ -12,7 +12,7 @@
 // one). Samples are independent: the result does not depend on the thread count.
 //
 // Every value is computed with the reference's operations in the reference's order and dtype
-// (no fast-math; no FMA contraction on x86-64, see LAFS_MULTIVERSION), so most values are
+// (no fast-math; no FMA contraction on x86-64, see common/multiversion.h), so most values are
 // bit-identical. The differences: the summation order of the gray mean (here in double), of the
 // 3x3 channel mix and of the blur taps, and exp() vs. torch's vectorised exp for the blur weights
 // -- an ulp or so, which the float32 HSV hue step (rounded at magnitudes up to 11) can turn into
@@ -44,7 +44,7 @@ constexpr int64_t kBlock = 256;
 constexpr int64_t kBrightness = 0, kContrast = 1, kSaturation = 2, kHue = 3;
 constexpr double kGrayWeights[3] = {0.2989, 0.587, 0.114};  // views.GRAY_WEIGHTS
 
-// LAFS_MULTIVERSION / LAFS_INLINE: common/multiversion.h (AVX2 and baseline clones).
+// LAFS_INLINE, LAFS_ISA_WRAPPERS: common/multiversion.h (AVX-512, AVX2 and baseline paths).
 
 template <typename T>
 LAFS_INLINE T clamp01(T v) {
@@ -225,8 +225,8 @@ LAFS_INLINE void apply_op(int64_t op, T* r, T* g, T* b, int64_t n, const Sample<
 // ops[begin, end); then either sum the gray level (a contrast step follows) or, in the last pass,
 // grayscale + (without blur) solarize and the map to [-1, 1].
 template <typename T>
-LAFS_MULTIVERSION void pixel_pass(const Sample<T>& s, bool first, int begin, int end,
-                                  T contrast_offset, bool last, double* gray_acc) {
+LAFS_INLINE void pixel_pass_body(const Sample<T>& s, bool first, int begin, int end,
+                                 T contrast_offset, bool last, double* gray_acc) {
   const int64_t hw = s.hw;
   for (int64_t p0 = 0; p0 < hw; p0 += kBlock) {
     const int64_t n = std::min(kBlock, hw - p0);
@@ -275,13 +275,14 @@ LAFS_INLINE int64_t pad_index(int64_t i, int64_t n, bool reflect) {
 }
 
 // dst[j] = sum_t k[t] * rows[t][off + j] for j < NV * L, the taps summed in order 0..taps-1 (as
-// the reference's conv). GCC vector types (32 bytes: one AVX2 register, two SSE2 ones in the
-// baseline clone) keep the NV sums in registers across the taps: independent chains that hide the
-// add latency, one store per output. Elementwise IEEE ops: the same results as scalar code.
-template <int NV, typename T>
+// the reference's conv). GCC vector types of VB bytes (64: one AVX-512 register; 32: one AVX2
+// register, two SSE2 ones in the baseline path) keep the NV sums in registers across the taps:
+// independent chains that hide the add latency, one store per output. Elementwise IEEE ops: the
+// same results as scalar code, whatever the width.
+template <int NV, int VB, typename T>
 LAFS_INLINE void taps_chunk(const T* const* rows, int64_t off, const T* k, int64_t taps, T* dst) {
-  typedef T V __attribute__((vector_size(32)));
-  constexpr int L = 32 / sizeof(T);
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int L = VB / sizeof(T);
   V a[NV];
   for (int v = 0; v < NV; ++v) {
     V x;
@@ -307,19 +308,21 @@ LAFS_INLINE void taps_scalar(const T* const* rows, int64_t off, const T* k, int6
   *dst = a;
 }
 
-template <typename T>
+template <int VB, typename T>
 LAFS_INLINE void taps_row(const T* const* rows, const T* k, int64_t taps, int64_t W, T* dst) {
-  constexpr int L = 32 / sizeof(T);
+  constexpr int L = VB / sizeof(T);
   int64_t x = 0;
-  for (; x + 4 * L <= W; x += 4 * L) taps_chunk<4>(rows, x, k, taps, dst + x);
-  for (; x + L <= W; x += L) taps_chunk<1>(rows, x, k, taps, dst + x);
+  for (; x + 4 * L <= W; x += 4 * L) taps_chunk<4, VB>(rows, x, k, taps, dst + x);
+  for (; x + L <= W; x += L) taps_chunk<1, VB>(rows, x, k, taps, dst + x);
   for (; x < W; ++x) taps_scalar(rows, x, k, taps, dst + x);
 }
 
-// rows: scratch for 2r + 1 row pointers; line: W + 2r values; plane: H x W values.
-template <typename T>
-LAFS_MULTIVERSION void blur_pass(const Sample<T>& s, int64_t H, int64_t W, const T* k, int64_t r,
-                                 bool reflect, T* plane, T* line, T* acc, const T** rows) {
+// rows: scratch for 2r + 1 row pointers; line: W + 2r values; plane: H x W values. VB: the
+// vector width in bytes of the taps.
+template <int VB, typename T>
+LAFS_INLINE void blur_pass_body(std::integral_constant<int, VB>, const Sample<T>& s, int64_t H,
+                                int64_t W, const T* k, int64_t r, bool reflect, T* plane,
+                                T* line, T* acc, const T** rows) {
   const int64_t taps = 2 * r + 1;
   for (int64_t c = 0; c < 3; ++c) {
     T* img = s.out + c * H * W;
@@ -331,14 +334,24 @@ LAFS_MULTIVERSION void blur_pass(const Sample<T>& s, int64_t H, int64_t W, const
         line[r + W + j] = src[pad_index(W + j, W, reflect)];
       }
       std::memcpy(line + r, src, W * sizeof(T));
-      taps_row(rows, k, taps, W, plane + y * W);
+      taps_row<VB>(rows, k, taps, W, plane + y * W);
     }
     for (int64_t y = 0; y < H; ++y) {  // vertical, then solarize + [-1, 1]
       for (int64_t t = 0; t < taps; ++t) rows[t] = plane + pad_index(y - r + t, H, reflect) * W;
-      taps_row(rows, k, taps, W, acc);
+      taps_row<VB>(rows, k, taps, W, acc);
       finish(acc, img + y * W, W, s.solar, s.threshold);
     }
   }
+}
+
+// pixel_pass(IsaTag, ...) / blur_pass(IsaTag, ...): the passes compiled for each path.
+LAFS_ISA_WRAPPERS(pixel_pass, pixel_pass_body)
+LAFS_ISA_WRAPPERS(blur_pass, blur_pass_body)
+
+// Vector bytes of the blur taps on each path.
+template <CpuIsa I>
+constexpr int blur_vector_bytes(IsaTag<I>) {
+  return I == CpuIsa::kAvx512 ? 64 : 32;
 }
 
 // ---------------------------------------------------------------------------- driver
@@ -363,69 +376,72 @@ void photometric_impl(const at::Tensor& x, at::Tensor& out, const at::Tensor& fa
 
   // a chunk of at least ~64K values: small batches of small images are not worth a thread
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (3 * hw));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> k(taps), plane, line, acc;
-    std::vector<const T*> rows(taps);
-    for (int64_t n = begin; n < end; ++n) {
-      Sample<T> s;
-      s.x = xp + n * 3 * hw;
-      s.out = op + n * 3 * hw;
-      s.hw = hw;
-      s.gray = gp[n];
-      s.blur = bp[n];
-      s.solar = solp[n];
-      s.threshold = static_cast<T>(threshold);  // torch compares with the scalar cast to T
-      for (int i = 0; i < 4; ++i) s.factor[i] = fp[n * 4 + i];
-      s.n_ops = 0;
-      // The reference runs 3 clamping stages before the hue step (the ops before hue, padded
-      // with identities) and 3 after: the first stage is the first op unless hue (or nothing)
-      // comes first, and then an identity stage clamps y. It matters for inputs outside [-1, 1].
-      s.clamp_input = !(jp[n] && ordp[n * 4] != kHue);
-      if (jp[n]) {
-        for (int i = 0; i < 4; ++i) {
-          const int64_t o = ordp[n * 4 + i];
-          if (o == kHue && s.factor[kHue] == T(0)) continue;  // the reference skips hue 0
-          s.ops[s.n_ops++] = o;
+  with_cpu_isa([&](auto isa) {
+    constexpr int VB = blur_vector_bytes(decltype(isa){});
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> k(taps), plane, line, acc;
+      std::vector<const T*> rows(taps);
+      for (int64_t n = begin; n < end; ++n) {
+        Sample<T> s;
+        s.x = xp + n * 3 * hw;
+        s.out = op + n * 3 * hw;
+        s.hw = hw;
+        s.gray = gp[n];
+        s.blur = bp[n];
+        s.solar = solp[n];
+        s.threshold = static_cast<T>(threshold);  // torch compares with the scalar cast to T
+        for (int i = 0; i < 4; ++i) s.factor[i] = fp[n * 4 + i];
+        s.n_ops = 0;
+        // The reference runs 3 clamping stages before the hue step (the ops before hue, padded
+        // with identities) and 3 after: the first stage is the first op unless hue (or nothing)
+        // comes first, and then an identity stage clamps y. It matters for inputs outside [-1, 1].
+        s.clamp_input = !(jp[n] && ordp[n * 4] != kHue);
+        if (jp[n]) {
+          for (int i = 0; i < 4; ++i) {
+            const int64_t o = ordp[n * 4 + i];
+            if (o == kHue && s.factor[kHue] == T(0)) continue;  // the reference skips hue 0
+            s.ops[s.n_ops++] = o;
+          }
+        }
+        if (!(jp[n] || s.gray || s.blur || s.solar)) {  // untouched: the clean bytes
+          std::memcpy(s.out, s.x, 3 * hw * sizeof(T));
+          continue;
+        }
+        int ci = s.n_ops;  // position of contrast, if any
+        for (int i = 0; i < s.n_ops; ++i) {
+          if (s.ops[i] == kContrast) ci = i;
+        }
+        if (ci == s.n_ops) {
+          pixel_pass(isa, s, true, 0, s.n_ops, T(0), true, nullptr);
+        } else {
+          double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          pixel_pass(isa, s, true, 0, ci, T(0), false, lanes);
+          double sum = 0;
+          for (double v : lanes) sum += v;
+          const T mean = static_cast<T>(sum / static_cast<double>(hw));
+          const T offset = (T(1) - s.factor[kContrast]) * mean;
+          pixel_pass(isa, s, false, ci, s.n_ops, offset, true, nullptr);
+        }
+        if (s.blur) {
+          // views.gaussian_blur: exp(-0.5 (d / sigma)^2) over d = -r..r, normalised
+          const T sig = std::max(sp[n], static_cast<T>(1e-6));
+          T ksum = 0;
+          for (int64_t t = 0; t < taps; ++t) {
+            const T q = static_cast<T>(t - r) / sig;
+            k[t] = std::exp(T(-0.5) * (q * q));
+            ksum += k[t];
+          }
+          for (int64_t t = 0; t < taps; ++t) k[t] /= ksum;
+          if (plane.empty()) {
+            plane.resize(hw);
+            line.resize(W + 2 * r);
+            acc.resize(W);
+          }
+          blur_pass(isa, std::integral_constant<int, VB>{}, s, H, W, k.data(), r, reflect,
+                    plane.data(), line.data(), acc.data(), rows.data());
         }
       }
-      if (!(jp[n] || s.gray || s.blur || s.solar)) {  // untouched: the clean bytes
-        std::memcpy(s.out, s.x, 3 * hw * sizeof(T));
-        continue;
-      }
-      int ci = s.n_ops;  // position of contrast, if any
-      for (int i = 0; i < s.n_ops; ++i) {
-        if (s.ops[i] == kContrast) ci = i;
-      }
-      if (ci == s.n_ops) {
-        pixel_pass(s, true, 0, s.n_ops, T(0), true, nullptr);
-      } else {
-        double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        pixel_pass(s, true, 0, ci, T(0), false, lanes);
-        double sum = 0;
-        for (double v : lanes) sum += v;
-        const T mean = static_cast<T>(sum / static_cast<double>(hw));
-        const T offset = (T(1) - s.factor[kContrast]) * mean;
-        pixel_pass(s, false, ci, s.n_ops, offset, true, nullptr);
-      }
-      if (s.blur) {
-        // views.gaussian_blur: exp(-0.5 (d / sigma)^2) over d = -r..r, normalised
-        const T sig = std::max(sp[n], static_cast<T>(1e-6));
-        T ksum = 0;
-        for (int64_t t = 0; t < taps; ++t) {
-          const T q = static_cast<T>(t - r) / sig;
-          k[t] = std::exp(T(-0.5) * (q * q));
-          ksum += k[t];
-        }
-        for (int64_t t = 0; t < taps; ++t) k[t] /= ksum;
-        if (plane.empty()) {
-          plane.resize(hw);
-          line.resize(W + 2 * r);
-          acc.resize(W);
-        }
-        blur_pass(s, H, W, k.data(), r, reflect, plane.data(), line.data(), acc.data(),
-                  rows.data());
-      }
-    }
+    });
   });
 }
 

@@ -106,7 +106,7 @@ def model_dims(model):
     from lafs_fast.models import create_model
     c = create_model(model, landmarks="grid").config
     if c.get("cnn_width", 1.0) != 1.0 or c["patch_size"] != 8 or c["image_size"] != 112:
-        raise SystemExit(f"--release needs a preset with the release's landmark CNN, 8 px patches and "
+        raise ValueError(f"the release's step needs a preset with the release's landmark CNN, 8 px patches and "
                          f"112 px images; {model} has cnn_width {c.get('cnn_width')}, patch {c['patch_size']}")
     return dict(dim=c["dim"], depth=c["depth"], heads=c["heads"], dim_head=c["dim_head"], mlp_dim=c["mlp_dim"],
                 num_landmarks=c["num_landmarks"])
@@ -209,7 +209,7 @@ def main(argv=None):
         try:
             rel = R.load_release(args.release)
             paths.append(ReleasePath(rel, args, payloads))
-        except R.ReleaseUnavailable as e:
+        except (R.ReleaseUnavailable, ValueError) as e:
             print(f"release path skipped: {e}", flush=True)
     if not args.no_original:
         paths.append(LafsPath("original", "original", args, payloads))
@@ -306,8 +306,8 @@ def main(argv=None):
                     ratios[key] = by[(b, m == "data")]["median_s"] / by[(p.name, m == "data")]["median_s"]
                     parts.append(f"**{ratios[key]:.2f}x** {'model only' if m == 'model' else 'with data'}")
                 said.append(f"{p.name} / {b}: " + ", ".join(parts))
-    md.append("")
-    md.append("Speed-ups (images/s ratios, same run): " + "; ".join(said) + ".")
+    if said:
+        md += ["", "Speed-ups (images/s ratios, same run): " + "; ".join(said) + "."]
     for p in paths:
         if p.options:
             md.append(f"{p.name} options: {p.options}")

@@ -282,3 +282,24 @@ def test_photometric_on_every_path(dtype, hw):
         assert_matches(out, ref, p)
         assert torch.equal(out, out_nc), isa
     assert_paths_equal(results)
+
+
+def test_landmark_gradients_do_not_depend_on_the_thread_count():
+    """Fixed row groups and in-order partial sums (landmark_patch_embed_cpu.cpp): one thread and
+    two give the same bits, on every path."""
+    images, lm, weight, bias = make_case(8, 3, 40, 36, 50, 8, 24, spread=2)
+    g = torch.randn(8, 50, 24, generator=torch.Generator().manual_seed(4))
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (lm, weight, bias)]
+        ops.landmark_patch_embed(images, *leaves, patch_size=8, backend="cpu").backward(g)
+        return [t.grad for t in leaves]
+
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results = on_each_path(grads)
+        if threads == 1:
+            first = results
+        for isa in results:
+            for a, b in zip(results[isa], first[isa]):
+                assert torch.equal(a, b), f"{isa}: {threads} threads differ from 1"

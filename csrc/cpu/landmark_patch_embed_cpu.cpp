@@ -215,6 +215,22 @@ LAFS_INLINE void add_rows_double(const T* rows, int64_t n, int64_t D, int64_t d0
 }
 LAFS_ISA_WRAPPERS(add_rows_double_isa, add_rows_double)
 
+// out[i] += part[s * n + i] for s = 0 .. S-1 in order, i in [i0, i1) (grad_weight partials),
+// in blocks that stay in L1 across the S passes.
+template <typename T>
+LAFS_INLINE void add_partials(const T* part, int64_t S, int64_t n, int64_t i0, int64_t i1,
+                              T* out) {
+  constexpr int64_t kBlock = 1024;
+  for (int64_t b0 = i0; b0 < i1; b0 += kBlock) {
+    const int64_t b1 = std::min(i1, b0 + kBlock);
+    for (int64_t s = 0; s < S; ++s) {
+      const T* p = part + s * n;
+      for (int64_t i = b0; i < b1; ++i) out[i] += p[i];
+    }
+  }
+}
+LAFS_ISA_WRAPPERS(add_partials_isa, add_partials)
+
 // ------------------------------------------------------------------------------------ ops
 at::Tensor landmark_patch_embed_cpu(const at::Tensor& images, const at::Tensor& landmarks,
                                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -342,9 +358,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
                              g_lm.mutable_data_ptr<T>());
       }
     });
-    // Partials added in group order: deterministic.
-    for (int64_t s = 0; s < S; ++s) {
-      if (need_w) g_w.add_(w_part[s]);
+    // Partials added in group order (deterministic), in one parallel pass: S separate add_
+    // calls were S parallel regions, each a barrier that waits for a descheduled thread on a
+    // busy machine.
+    if (need_w) {
+      AT_DISPATCH_FLOATING_TYPES(ct, "landmark_patch_embed_backward_cpu_sum", [&] {
+        const scalar_t* part = w_part.const_data_ptr<scalar_t>();
+        scalar_t* gw = g_w.mutable_data_ptr<scalar_t>();
+        const int64_t n = D * L;
+        with_cpu_isa([&](auto isa) {
+          at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
+            add_partials_isa(isa, part, S, n, i0, i1, gw);
+          });
+        });
+      });
     }
     if (need_b) {
       at::Tensor acc = b_part[0].clone();

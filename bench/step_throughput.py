@@ -265,7 +265,8 @@ def main(argv=None):
             raise SystemExit("--clock cpu is for --device cpu")
         if torch.get_num_threads() != 1:
             print("warning: --clock cpu with several threads counts their spin-waits too; use --threads 1")
-    desc = f"{'CPU time' if args.clock == 'cpu' else 'wall time'}, {machine['threads']} threads, torch {machine['torch']}, {args.device}"
+    desc = (f"{'CPU time' if args.clock == 'cpu' else 'wall time'}, {machine['threads']} threads, "
+            f"torch {machine['torch']}, {args.device}")
     if "cpu" in machine:
         desc += f", {machine['cpu']} ({' '.join(machine.get('cpu_flags', []))})"
     if "load_before" in machine:

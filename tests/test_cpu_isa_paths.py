@@ -23,10 +23,13 @@ from tolerances import assert_close, forward_tol, grad_tol
 from test_ops_landmark_patch_embed import make_case
 from test_views_photometric import CFG, assert_matches, images as photo_images, op as photo_op, params
 
-HAS_EXT = ops.HAS_EXTENSION and hasattr(torch.ops.lafs_fast, "cpu_isa")
+HAS_EXT = ops.HAS_EXTENSION
 pytestmark = pytest.mark.skipif(not HAS_EXT, reason=f"lafs_fast._C not built ({ops.EXTENSION_STATUS})")
 ALL_PATHS = ["avx512", "avx2", "baseline"]
-SUPPORTED = list(torch.ops.lafs_fast.cpu_isa_supported()) if HAS_EXT else []
+# A _C built before the path switch has no cpu_isa ops: test_the_extension_has_the_path_switch
+# fails then (and the per-path tests, which need the baseline path).
+HAS_SWITCH = HAS_EXT and hasattr(torch.ops.lafs_fast, "cpu_isa")
+SUPPORTED = list(torch.ops.lafs_fast.cpu_isa_supported()) if HAS_SWITCH else []
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,7 +38,7 @@ def one_thread_and_restore_path():
     """Small tensors (one thread is faster on a loaded machine), and the path set back after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    before = torch.ops.lafs_fast.cpu_isa() if HAS_EXT else None
+    before = torch.ops.lafs_fast.cpu_isa() if HAS_SWITCH else None
     yield
     torch.set_num_threads(threads)
     if before is not None:
@@ -68,6 +71,10 @@ def cpu_flags():
             if line.startswith("flags"):
                 return set(line.split(":", 1)[1].split())
     return set()
+
+
+def test_the_extension_has_the_path_switch():
+    assert HAS_SWITCH, "lafs_fast._C has no lafs_fast::cpu_isa op: it predates csrc/cpu/cpu_isa.cpp, rebuild it"
 
 
 def test_supported_paths_follow_the_cpu_flags():

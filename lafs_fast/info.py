@@ -31,8 +31,10 @@ def backend_status() -> dict:
 def cpu_isa() -> str:
     """The instruction-set path of the CPU kernels (LAFS_FAST_CPU_ISA forces a lower one)."""
     from . import ops
-    if not ops.HAS_EXTENSION or not hasattr(torch.ops.lafs_fast, "cpu_isa"):
+    if not ops.HAS_EXTENSION:
         return "unavailable (no lafs_fast._C)"
+    if not hasattr(torch.ops.lafs_fast, "cpu_isa"):
+        return "unknown (lafs_fast._C predates the CPU path switch: rebuild it)"
     return (f"{torch.ops.lafs_fast.cpu_isa()} (supported: "
             f"{', '.join(torch.ops.lafs_fast.cpu_isa_supported())}; force with LAFS_FAST_CPU_ISA)")
 

@@ -36,14 +36,12 @@ def load_any_model(path: str, landmark_cnn: Optional[str] = None):
     """A PartFViT in eval mode from a lafs_fast model file or an official release checkpoint."""
     from .checkpoint import CheckpointError, load_checkpoint, load_official
     from .convert import load_model
-    try:
-        obj = load_checkpoint(path)  # clear errors for missing / corrupt files
-    except CheckpointError as e:
-        if os.path.basename(path).startswith("step-") and "Weights only load failed" in str(e):
-            raise CheckpointError(f"{path} is a training checkpoint (it holds random-generator states, "
-                                  "which are not loaded from files for safety): use the model.pt the "
-                                  "run wrote beside it") from None
-        raise
+    obj = load_checkpoint(path)  # clear errors for missing / corrupt files
+    if "rng" in obj or "optimizer" in obj or (os.path.basename(path).startswith("step-") and "kind" in obj):
+        # A training-state checkpoint (optimiser, random streams; pretraining's holds student and
+        # teacher together): the run's model file is the model to embed with.
+        raise CheckpointError(f"{path} is a training checkpoint (optimiser and random-generator "
+                              "states, not a model file): use the model.pt the run wrote beside it")
     if isinstance(obj.get("model"), dict) and "config" in obj:
         if landmark_cnn:
             raise ValueError("--landmark-cnn applies to official release checkpoints; "

@@ -7,6 +7,7 @@ The output is {'model': state_dict, 'config': PartFViT kwargs, 'format': 'lafs_f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -24,7 +25,10 @@ def save_model(model: PartFViT, path: str, **extra) -> None:
 
 def load_model(path: str, map_location="cpu") -> PartFViT:
     """A PartFViT (eval mode) from a file written by save_model / this converter."""
-    obj = load_checkpoint(path, map_location)
+    return _model_from(load_checkpoint(path, map_location), path)
+
+
+def _model_from(obj: dict, path: str) -> PartFViT:
     if "model" not in obj or "config" not in obj:
         raise CheckpointError(f"{path} is not in lafs_fast format (needs 'model' and 'config'; "
                               "for a release checkpoint use lafs_fast.checkpoint.load_official)")
@@ -40,6 +44,26 @@ def load_model(path: str, map_location="cpu") -> PartFViT:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: state dict does not fit its config: {e}") from e
     return model.eval()
+
+
+def load_any_model(path: str, landmark_cnn: Optional[str] = None):
+    """A PartFViT in eval mode from a lafs_fast model file or an official release checkpoint."""
+    obj = load_checkpoint(path)  # clear errors for missing / corrupt files
+    if "rng" in obj or "optimizer" in obj or (os.path.basename(path).startswith("step-") and "kind" in obj):
+        # A training-state checkpoint (optimiser, random streams; pretraining's holds student and
+        # teacher together): the run's model file is the model to use.
+        raise CheckpointError(f"{path} is a training checkpoint (optimiser and random-generator "
+                              "states, not a model file): use the model.pt the run wrote beside it")
+    if isinstance(obj.get("model"), dict) and "config" in obj:
+        if landmark_cnn:
+            raise ValueError("--landmark-cnn applies to official release checkpoints; "
+                             f"{path} is a lafs_fast model file with its own landmark CNN")
+        return _model_from(obj, path)
+    try:
+        return load_official(path, landmark_cnn)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} is neither a lafs_fast model file (model.pt of finetune / "
+                              f"convert) nor a release checkpoint: {e}") from e
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

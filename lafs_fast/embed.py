@@ -31,29 +31,6 @@ import torch.nn.functional as F
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
 
 
-# ----------------------------------------------------------------------------- model
-def load_any_model(path: str, landmark_cnn: Optional[str] = None):
-    """A PartFViT in eval mode from a lafs_fast model file or an official release checkpoint."""
-    from .checkpoint import CheckpointError, load_checkpoint, load_official
-    from .convert import load_model
-    obj = load_checkpoint(path)  # clear errors for missing / corrupt files
-    if "rng" in obj or "optimizer" in obj or (os.path.basename(path).startswith("step-") and "kind" in obj):
-        # A training-state checkpoint (optimiser, random streams; pretraining's holds student and
-        # teacher together): the run's model file is the model to embed with.
-        raise CheckpointError(f"{path} is a training checkpoint (optimiser and random-generator "
-                              "states, not a model file): use the model.pt the run wrote beside it")
-    if isinstance(obj.get("model"), dict) and "config" in obj:
-        if landmark_cnn:
-            raise ValueError("--landmark-cnn applies to official release checkpoints; "
-                             f"{path} is a lafs_fast model file with its own landmark CNN")
-        return load_model(path)
-    try:
-        return load_official(path, landmark_cnn)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path} is neither a lafs_fast model file (model.pt of finetune / "
-                              f"convert) nor a release checkpoint: {e}") from e
-
-
 # ----------------------------------------------------------------------------- inputs
 class Items(torch.utils.data.Dataset):
     """(index, uint8 (3, S, S) image or None, error text) per input item; never raises for one
@@ -163,6 +140,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible")
+    from .convert import load_any_model
     model = load_any_model(checkpoint, landmark_cnn).to(dev).eval()
     S = model.image_size
     if bin_file:

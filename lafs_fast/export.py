@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--landmarks-output", action="store_true", help="also output the (B, N, 2) landmarks")
     p.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare with PyTorch")
     a = p.parse_args(argv)
-    from .embed import load_any_model
+    from .convert import load_any_model
     try:
         model = load_any_model(a.checkpoint, a.landmark_cnn)
         export_onnx(model, a.out, a.opset, a.landmarks_output)

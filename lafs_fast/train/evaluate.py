@@ -31,17 +31,8 @@ class EvalConfig:
         C.require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
 
 
-def load_any_model(path: str, landmark_cnn: Optional[str] = None):
-    """A PartFViT from lafs_fast's own format, or else from a release checkpoint."""
-    from ..checkpoint import load_checkpoint, load_official
-    from ..convert import load_model
-    obj = load_checkpoint(path)
-    if "model" in obj and "config" in obj:
-        return load_model(path)
-    return load_official(path, landmark_cnn)
-
-
 def run(cfg: EvalConfig) -> dict:
+    from ..convert import load_any_model
     from ..eval.bin_reader import load_bin
     device = common.resolve_device(cfg.device)
     model = load_any_model(cfg.checkpoint, cfg.landmark_cnn or None).to(device).eval()

@@ -286,10 +286,11 @@ class Validator:
 
     def __call__(self, model, step: int, epoch: int) -> dict:
         from ..eval import embed_with_flip, kfold_accuracy
+        from ..eval.verification import cosine_scores
         acc = {}
         for name, (images, same) in self.sets.items():
             emb = embed_with_flip(model, images, self.batch_size)
-            scores = (emb[0::2] * emb[1::2]).sum(1).double().numpy()
+            scores = cosine_scores(emb[0::2], emb[1::2])
             acc[name] = kfold_accuracy(scores, same.numpy(), n_folds=min(10, len(scores)))["mean"]
         mean = float(np.mean(list(acc.values())))
         improved = mean > self.best

@@ -137,21 +137,27 @@ def worker(rank, world, port, root):
         distributed.shutdown()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pfc")
+def run_two_ranks(target, root, timeout: float) -> None:
+    """Spawn target(rank, 2, port, root) for ranks 0 and 1, wait, and fail with the ranks' own
+    errors (each worker writes error<rank>.txt) if either did not finish cleanly."""
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, str(root))) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, port, str(root))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(180)
+        p.join(timeout)
     for p in procs:
         if p.is_alive():
             p.kill()
     errors = [(root / f"error{r}.txt").read_text() for r in range(2) if (root / f"error{r}.txt").exists()]
     assert not errors and all(p.exitcode == 0 for p in procs), errors
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pfc")
+    run_two_ranks(worker, root, timeout=180)
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -320,7 +326,6 @@ def _close_states(a, b, rtol=1e-4, atol=1e-5):
 @pytest.fixture(scope="module")
 def finetune_runs(tmp_path_factory):
     """The replicated single-process reference (global batch 16) and the 2-rank Partial FC runs."""
-    import dataclasses
     from lafs_fast.train import finetune
     root = tmp_path_factory.mktemp("pfc_ft")
     saved = finetune.create_model, torch.get_num_threads()
@@ -330,18 +335,7 @@ def finetune_runs(tmp_path_factory):
     finally:
         finetune.create_model = saved[0]
         torch.set_num_threads(saved[1])
-    ctx = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=ft_worker, args=(r, 2, port, str(root))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(600)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = [(root / f"error{r}.txt").read_text() for r in range(2) if (root / f"error{r}.txt").exists()]
-    assert not errors and all(p.exitcode == 0 for p in procs), errors
+    run_two_ranks(ft_worker, root, timeout=600)
     return root
 
 

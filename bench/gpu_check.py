@@ -1,4 +1,4 @@
-"""The GPU check behind bench/gpu_check.sh: two stages, each one device call well under 5 minutes.
+"""The GPU check behind bench/gpu_check.sh: two stages, each well under 5 minutes on one GPU.
 
     python3 bench/gpu_check.py correctness --out DIR   # build, lafs_fast.info, CUDA + Triton tests,
                                                        # a few pretrain/finetune steps on cuda with AMP
@@ -251,7 +251,7 @@ def build(rec: Recorder) -> None:
         if state and state["cuda_kernel"]:
             p["note"] = f"already built for this torch: {state}"
             return
-        # one architecture, the lent GPU's (an H200: 9.0): the shortest build
+        # one architecture, this GPU's (an H200: 9.0): the shortest build
         cap = (state or {}).get("cap") or [9, 0]
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}")
         env = {"LAFS_FAST_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 4)}
@@ -623,7 +623,7 @@ def worker_ops() -> dict:
                                                           f"{nominal / 1e9:.0f} GB/s" if nominal else "") + ".")
         rows[pass_name] = "\n".join(lines)
         data.setdefault("floor_bytes", {})[pass_name] = floor
-    # the issue's targets, on the forward+backward
+    # the op's GPU targets, on the forward+backward
     fb = data.get("forward+backward", {})
     tgt = ["| backend | fwd+bwd speed-up vs loop (target >= 10x) | fwd+bwd time / traffic floor (target <= 2) | met |",
            "|---|---:|---:|---|"]

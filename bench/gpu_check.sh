@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in two stages, each one device call well under 5 minutes on an H200:
+# The GPU check in two stages, each well under 5 minutes on one H200:
 #
 #   OUT=/some/dir bash bench/gpu_check.sh correctness   # build for this machine's torch (sm_90),
 #                       # lafs_fast.info, the CUDA + Triton tests (per-test and per-group limits),

@@ -1,6 +1,8 @@
-"""README claims that no other test file checks: the torch-version refusal of a foreign _C,
+"""Documented claims that no other test file checks: the torch-version refusal of a foreign _C,
 LAFS_FAST_BACKEND for the patch op, the reference ops without _C, the benchmarks' vectorised
-baseline, and the main job end to end on ORL at a tiny budget."""
+baseline, and the main job end to end on ORL at a tiny budget. Each test first finds its claim in
+the page that states it (README.md, docs/ops.md, docs/performance.md, bench/README.md), so a claim
+cannot leave the docs while its test stays, nor the test while the claim stays."""
 import json
 import os
 import subprocess
@@ -14,6 +16,13 @@ from lafs_fast import ops, reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def documented(page, claim):
+    """The claim, as written (whitespace aside), is on the page this test checks it for."""
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    assert " ".join(claim.split()) in text, f"{page} no longer states: {claim!r}"
+
+
 def case(B=2, C=3, H=12, W=10, N=5, P=4, D=6, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(B, C, H, W, generator=g, dtype=dtype)
@@ -25,7 +34,8 @@ def case(B=2, C=3, H=12, W=10, N=5, P=4, D=6, seed=0, dtype=torch.float64):
 
 # ----------------------------------------------------------------------------- torch-version refusal
 def test_extension_built_for_another_torch_refuses_to_load(monkeypatch):
-    """README: "A binary built against another torch refuses to import, saying what to rebuild"."""
+    """docs/ops.md: "A binary built against another torch refuses to import, saying what to rebuild"."""
+    documented("docs/ops.md", "A binary built against another torch refuses to import, saying what to rebuild.")
     from lafs_fast import _build_info
     monkeypatch.setitem(_build_info.BUILD_INFO, "torch_version", "1.0.0+other")
     with pytest.raises(ImportError, match=r"built against torch 1\.0\.0\+other but torch .* is installed: "
@@ -37,6 +47,10 @@ def test_extension_built_for_another_torch_refuses_to_load(monkeypatch):
 
 # ----------------------------------------------------------------------------- LAFS_FAST_BACKEND
 def test_lafs_fast_backend_overrides_auto_for_the_patch_op(monkeypatch):
+    """docs/ops.md: `auto` is cpu for CPU tensors and `LAFS_FAST_BACKEND` overrides it; an explicit
+    backend wins over the variable; an unknown value is an error naming the variable."""
+    documented("docs/ops.md", "`cpu` for CPU tensors; `LAFS_FAST_BACKEND` overrides it")
+    documented("docs/ops.md", "(or an explicit `backend=`) wins over `auto`; an unknown value is an error naming the variable")
     cpu = torch.device("cpu")
     calls = []
     real = reference.landmark_patch_embed
@@ -96,8 +110,10 @@ torch.save(out, sys.argv[2])
 
 @pytest.mark.slow  # a child process (~5 s)
 def test_reference_ops_without_the_extension(tmp_path):
-    """README: `reference` is "the oracle and fallback": with lafs_fast._C unimportable and
+    """docs/ops.md: `reference` is "the oracle and the fallback": with lafs_fast._C unimportable and
     LAFS_FAST_BACKEND=reference, every public op still runs and gives the compiled ops' results."""
+    documented("docs/ops.md", "| `reference` | plain PyTorch (`lafs_fast/reference.py`): the oracle and the fallback |")
+    documented("docs/ops.md", "unless the reference ops are asked for by name (`LAFS_FAST_BACKEND=reference`")
     from lafs_fast import views
     from lafs_fast.dropout import philox_dropout
     assert ops.HAS_EXTENSION, "this comparison needs the compiled ops in the parent"
@@ -142,7 +158,12 @@ def test_reference_ops_without_the_extension(tmp_path):
 def test_bench_baselines_compute_the_op_they_are_compared_with(monkeypatch):
     """bench/: the vectorised baseline (one grid_sample + F.linear), the original per-landmark
     loop and the bare GEMM compute what landmark_patch_embed computes, so the speed-ups in
-    bench/README.md compare equal work."""
+    docs/performance.md compare equal work."""
+    documented("bench/README.md", "vectorised (one `grid_sample` + `F.linear`), the original per-landmark loop, "
+                                  "and the bare GEMM floor")
+    documented("docs/performance.md", "Baselines (`bench/baselines.py`): `vectorised` is one `grid_sample` + "
+                                      "`F.linear`, `original_loop` the release's per-landmark loop, `bare_gemm` "
+                                      "the patch-embedding GEMM alone.")
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     import baselines
     images, lm, weight, bias = case(B=3, C=3, H=13, W=11, N=7, P=4, D=5)
@@ -170,7 +191,13 @@ def test_bench_baselines_compute_the_op_they_are_compared_with(monkeypatch):
 @pytest.mark.slow  # the three stages on ORL at 1 epoch each (12 s of CPU time)
 def test_main_job_end_to_end_on_orl_at_a_tiny_budget(tmp_path):
     """`python -m lafs_fast.train` (the pipeline) at 1 epoch per stage: every stage's outputs,
-    the final table with its three rows, results.json."""
+    the final table with its three rows, results.json (README.md's quick start and results,
+    docs/performance.md's main-job table)."""
+    documented("README.md", "&& python -m lafs_fast.info && python -m lafs_fast.train\n")
+    for page in ("README.md", "docs/performance.md"):
+        documented(page, "| raw pixels, cosine (the floor) | 95.52 +- 0.67 % | 0.9269 | 52.0 % |")
+    documented("docs/performance.md", "all 450 genuine + 4,500 impostor pairs")
+    documented("docs/training.md", "stage 2, 20 epochs of LAFS pretraining on the 300 training-subject images")
     out = tmp_path / "pipeline"
     child = subprocess.run(
         [sys.executable, "-m", "lafs_fast.train", "--supervised-epochs", "1", "--pretrain-epochs", "1",

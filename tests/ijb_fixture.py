@@ -127,7 +127,8 @@ def make_ijb_fixture(root: str, target: str = "IJBC", subjects: int = 6, templat
     for k, (s, tid, mid) in enumerate(rows):
         m, h, w = random_pose(rng)
         name = f"{k + 1}.jpg"
-        Image.fromarray(render(image_look(looks[s], rng), m, h, w)).save(os.path.join(root, "loose_crop", name), quality=95)
+        picture = render(image_look(looks[s], rng), m, h, w)
+        Image.fromarray(picture).save(os.path.join(root, "loose_crop", name), quality=95)
         pts = np.asarray(ARCFACE_TEMPLATE) @ m[:, :2].T + m[:, 2] + rng.normal(0, point_noise, (5, 2))
         points.append(pts)
         scores.append(round(float(rng.uniform(0.3, 1.0)), 6))

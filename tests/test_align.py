@@ -153,7 +153,8 @@ def test_coinciding_points_do_not_align():
 
 def test_read_five_points(tmp_path):
     p = tmp_path / "pts.txt"
-    p.write_text("# name x1 y1 ... score\na.jpg 1 2 3 4 5 6 7 8 9 10 0.5\n\nb/c.png 11 12 13 14 15 16 17 18 19 20 0.25\n")
+    p.write_text("# name x1 y1 ... score\na.jpg 1 2 3 4 5 6 7 8 9 10 0.5\n\n"
+                 "b/c.png 11 12 13 14 15 16 17 18 19 20 0.25\n")
     names, pts, sc = read_five_points(str(p), require_score=True)
     assert names == ["a.jpg", "b/c.png"]
     np.testing.assert_array_equal(pts[1], [[11, 12], [13, 14], [15, 16], [17, 18], [19, 20]])

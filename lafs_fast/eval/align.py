@@ -151,7 +151,8 @@ def read_five_points(path: str, require_score: bool = False) -> tuple[list[str],
             if not fields or fields[0].startswith("#"):
                 continue
             if len(fields) not in (11, 12) or (require_score and len(fields) != 12):
-                want = "12 (name, 10 coordinates, score)" if require_score else "11 or 12 (name, 10 coordinates[, score])"
+                want = ("12 (name, 10 coordinates, score)" if require_score
+                        else "11 or 12 (name, 10 coordinates[, score])")
                 raise ValueError(f"{path}:{n}: expected {want} fields, got {len(fields)}")
             try:
                 values = [float(v) for v in fields[1:]]

@@ -169,3 +169,45 @@ def test_read_five_points(tmp_path):
     p.write_text("a.jpg 1 2 3 4 5 6 7 8 9 nan 1\n")
     with pytest.raises(ValueError, match="finite"):
         read_five_points(str(p))
+
+
+def test_embed_five_points_aligns_like_the_ijb_command(tmp_path, capsys):
+    """embed --five-points on the loose crops of an IJB-shaped set gives the IJB command's
+    features, L2-normalised (one aligns the whole image in its workers, the other a window of it,
+    batched)."""
+    from ijb_fixture import make_ijb_fixture
+    from lafs_fast import embed
+    from lafs_fast.convert import save_model
+    from lafs_fast.eval.ijb import run_ijb
+    from lafs_fast.models import create_model
+    fx = make_ijb_fixture(str(tmp_path / "IJBC"), "IJBC", subjects=2, templates_per_subject=2, seed=4)
+    torch.manual_seed(0)
+    m = create_model("part_fvit_tiny", depth=1).eval()
+    with torch.no_grad():
+        m.landmark_cnn.output_layer[1].weight.normal_(0, 0.5)
+    save_model(m, str(tmp_path / "model.pt"))
+    pts = str(tmp_path / "IJBC" / "meta" / "ijbc_name_5pts_score.txt")
+    assert embed.main(["--checkpoint", str(tmp_path / "model.pt"), "--images", str(tmp_path / "IJBC" / "loose_crop"),
+                       "--five-points", pts, "--out", str(tmp_path / "e"), "--workers", "0"]) == 0
+    got = np.load(tmp_path / "e.npy")
+    order = sorted(range(len(fx.names)), key=lambda i: fx.names[i])  # embed sorts the folder by name
+    run_ijb(fx.root, "IJBC", str(tmp_path / "model.pt"), str(tmp_path / "ijb"), workers=0, device="cpu",
+            progress=False)
+    want = np.load(tmp_path / "ijb" / "features.npy")[order]
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # without alignment the loose crops give other features
+    assert embed.main(["--checkpoint", str(tmp_path / "model.pt"), "--images", str(tmp_path / "IJBC" / "loose_crop"),
+                       "--out", str(tmp_path / "raw"), "--workers", "0"]) == 0
+    assert np.abs(np.load(tmp_path / "raw.npy") - want).max() > 0.05
+    # every input needs its points; RecordIO / .bin inputs are not aligned
+    with open(pts) as f:
+        lines = f.readlines()
+    (tmp_path / "part.txt").write_text("".join(lines[1:]))
+    capsys.readouterr()
+    assert embed.main(["--checkpoint", str(tmp_path / "model.pt"), "--images", str(tmp_path / "IJBC" / "loose_crop"),
+                       "--five-points", str(tmp_path / "part.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert f"has no points for '{fx.names[0]}'" in capsys.readouterr().err
+    assert embed.main(["--checkpoint", str(tmp_path / "model.pt"), "--bin", "v.bin", "--five-points", pts,
+                       "--out", str(tmp_path / "x")]) == 2
+    assert "--five-points aligns --images or --list" in capsys.readouterr().err

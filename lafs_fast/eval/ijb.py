@@ -147,7 +147,7 @@ def template_features(img_feats: np.ndarray, templates: np.ndarray, medias: np.n
                       normalize_images: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """-> (L2-normalised template features (T, D), sorted unique template ids (T,)).
     normalize_images L2-normalises image features first (insightface keeps the norm: N1)."""
-    f = np.asarray(img_feats, dtype=np.float64)
+    f = np.array(img_feats, dtype=np.float64)  # a writable copy (torch.from_numpy below)
     templates, medias = np.asarray(templates), np.asarray(medias)
     if not (len(f) == len(templates) == len(medias)):
         raise ValueError(f"img_feats ({len(f)}), templates ({len(templates)}) and medias "
@@ -160,18 +160,14 @@ def template_features(img_feats: np.ndarray, templates: np.ndarray, medias: np.n
             raise ValueError(f"faceness must be ({len(f)},), got {faceness.shape}")
         f = f * faceness[:, None]
     uniq_t, t_inv = np.unique(templates, return_inverse=True)
-    t_inv = t_inv.reshape(-1)
-    # one group per (template, media): sorted so that each group, and each template's groups, are runs
-    order = np.lexsort((medias, t_inv))
-    t_sorted, m_sorted = t_inv[order], medias[order]
-    new_group = np.ones(len(order), dtype=bool)
-    new_group[1:] = (t_sorted[1:] != t_sorted[:-1]) | (m_sorted[1:] != m_sorted[:-1])
-    starts = np.flatnonzero(new_group)
-    counts = np.diff(np.append(starts, len(order)))
-    media_feat = np.add.reduceat(f[order], starts, axis=0) / counts[:, None]
-    group_t = t_sorted[starts]
-    t_starts = np.flatnonzero(np.r_[True, group_t[1:] != group_t[:-1]])
-    tfeat = np.add.reduceat(media_feat, t_starts, axis=0)
+    # one group per (template, media): the mean inside it, then the sum of a template's groups
+    # (index_add_: ~40x faster than np.add.reduceat / np.add.at over 469 k x 768 features)
+    groups, g_inv = np.unique(np.stack([t_inv.reshape(-1), medias], 1), axis=0, return_inverse=True)
+    g_inv = torch.from_numpy(g_inv.reshape(-1))
+    media_sum = torch.zeros(len(groups), f.shape[1], dtype=torch.float64).index_add_(0, g_inv, torch.from_numpy(f))
+    media_feat = media_sum / torch.bincount(g_inv, minlength=len(groups))[:, None]
+    tfeat = torch.zeros(len(uniq_t), f.shape[1], dtype=torch.float64)
+    tfeat = tfeat.index_add_(0, torch.from_numpy(groups[:, 0]), media_feat).numpy()
     tfeat /= np.maximum(np.linalg.norm(tfeat, axis=1, keepdims=True), 1e-12)
     return tfeat, uniq_t
 

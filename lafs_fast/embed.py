@@ -8,7 +8,9 @@ ignored, blank lines and lines starting with '#' too), --recordio PREFIX (insigh
 .idx, every image record in key order) or --bin FILE (an insightface verification .bin, images in
 stored order). The checkpoint is a lafs_fast model file (model.pt of finetune / convert) or an
 official release checkpoint (through checkpoint.load_official; --landmark-cnn for a backbone
-without one).
+without one). With --five-points FILE (lines `<name> x1 y1 ... x5 y5 [score]`, names as the
+--images / --list input names them) each image is first aligned by its 5 points to the 112 x 112
+ArcFace template (lafs_fast.eval.align), as the IJB evaluation aligns its loose crops.
 
 Output: FEATS.npy, float32 (N, D), one row per input item in input order, L2-normalised
 (embedding(x) + embedding(flipped x) first with --flip true, as verification does), and
@@ -36,8 +38,8 @@ class Items(torch.utils.data.Dataset):
     """(index, uint8 (3, S, S) image or None, error text) per input item; never raises for one
     bad item."""
 
-    def __init__(self, names: list[str], read, image_size: int):
-        self.names, self.read, self.image_size = names, read, image_size
+    def __init__(self, names: list[str], read, image_size: int, matrices: Optional[np.ndarray] = None):
+        self.names, self.read, self.image_size, self.matrices = names, read, image_size, matrices
 
     def __len__(self) -> int:
         return len(self.names)
@@ -45,9 +47,34 @@ class Items(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from .data.image_folder import decode_image_bytes
         try:
-            return i, decode_image_bytes(self.read(i), self.image_size), ""
+            if self.matrices is None:
+                return i, decode_image_bytes(self.read(i), self.image_size), ""
+            return i, _aligned(decode_image_bytes(self.read(i)), self.matrices[i]), ""
         except Exception as e:  # any unreadable item: named, not fatal
             return i, None, f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
+
+
+def _aligned(image: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
+    """The 112 x 112 face warped out of `image` by `matrix`, as an 8-bit image."""
+    from .eval.align import warp_affine
+    return warp_affine(image[None], torch.from_numpy(matrix)[None]).round_().clamp_(0, 255).to(torch.uint8)[0]
+
+
+def five_point_matrices(path: str, names: list[str]) -> np.ndarray:
+    """(N, 2, 3) alignment matrices of the input names from a 5-point file."""
+    from .eval.align import arcface_template, estimate_similarity, read_five_points
+    file_names, points, _ = read_five_points(path)
+    row = {n: k for k, n in enumerate(file_names)}
+    missing = [n for n in names if n not in row]
+    if missing:
+        raise ValueError(f"--five-points: {path} has no points for {missing[0]!r} ({len(missing)} of "
+                         f"{len(names)} inputs lack them; names must match the input's names)")
+    pts = points[[row[n] for n in names]]
+    matrices = estimate_similarity(torch.from_numpy(pts), arcface_template()).numpy()
+    bad = [n for n, m in zip(names, matrices) if not np.isfinite(m).all()]
+    if bad:
+        raise ValueError(f"--five-points: the 5 points of {bad[0]!r} coincide ({len(bad)} such inputs)")
+    return matrices
 
 
 def _collate(batch):
@@ -131,12 +158,15 @@ def embed_uint8(model, images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 def run(checkpoint: str, out: str, images: str = "", list_file: str = "", recordio: str = "",
         bin_file: str = "", flip: bool = True, batch_size: int = 64, device: str = "auto",
-        workers: int = 2, landmark_cnn: Optional[str] = None, progress: bool = True) -> dict:
+        workers: int = 2, landmark_cnn: Optional[str] = None, progress: bool = True,
+        five_points: str = "") -> dict:
     given = [bool(images), bool(list_file), bool(recordio), bool(bin_file)]
     if sum(given) != 1:
         raise ValueError("give exactly one input: --images, --list, --recordio or --bin")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if five_points and not (images or list_file):
+        raise ValueError("--five-points aligns --images or --list inputs (RecordIO and .bin faces are aligned already)")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible")
@@ -156,7 +186,12 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
             read = _Paths(paths)
         else:
             names, read = recordio_items(recordio)
-        loader = torch.utils.data.DataLoader(Items(names, read, S), batch_size=batch_size, shuffle=False,
+        matrices = None
+        if five_points:
+            if S != 112:
+                raise ValueError(f"--five-points aligns to 112 x 112 faces; the model takes {S} x {S}")
+            matrices = five_point_matrices(five_points, names)
+        loader = torch.utils.data.DataLoader(Items(names, read, S, matrices), batch_size=batch_size, shuffle=False,
                                              num_workers=workers, collate_fn=_collate)
         batches = iter(loader)
     N = len(names)
@@ -223,11 +258,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main one)")
     p.add_argument("--landmark-cnn", default=None, help="release checkpoint whose landmark CNN completes "
                                                         "a LAFS / DINO backbone")
+    p.add_argument("--five-points", default="", help="file of `<name> x1 y1 ... x5 y5 [score]` lines: align each "
+                                                      "--images / --list input to the ArcFace template first")
     p.add_argument("--progress", type=_bool, default=True)
     a = p.parse_args(argv)
     try:
         r = run(a.checkpoint, a.out, a.images, a.list_file, a.recordio, a.bin_file, a.flip, a.batch_size,
-                a.device, a.workers, a.landmark_cnn, a.progress)
+                a.device, a.workers, a.landmark_cnn, a.progress, a.five_points)
     except (ValueError, OSError) as e:
         print(f"python -m lafs_fast.embed: error: {e}", file=sys.stderr)
         return 2

@@ -80,6 +80,7 @@ def export_onnx(model: PartFViT, out: str, opset: int = 17, return_landmarks: bo
         # Expected and harmless here: the exporter's notice that it is the TorchScript one, and the
         # tracer's note that the model's shape checks are constants of the trace.
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # the TorchScript exporter (dynamo=False): no onnxscript needed, and it handles SDPA
         torch.onnx.export(wrapped, (x,), out, input_names=["image"], output_names=outputs,
@@ -130,6 +131,8 @@ def run(a: argparse.Namespace) -> int:
         model = load_any_model(a.checkpoint, a.landmark_cnn)
     except (CheckpointError, ValueError) as e:
         raise cli.UsageError(str(e)) from None
+    except OSError as e:
+        raise cli.UsageError(f"cannot read {a.checkpoint}: {e.strerror or e}", "check its permissions") from None
     # Written beside the target and renamed: a failed export leaves no partial file behind.
     partial = f"{a.out}.partial-{os.getpid()}"
     try:

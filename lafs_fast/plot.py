@@ -155,12 +155,12 @@ def default_out(run_dir: str) -> str:
 def plot_run(run_dir: str, out: Optional[str] = None) -> tuple[str, list[StageCurves]]:
     """Draw RUN_DIR's curves to `out` (default RUN_DIR/curves.png); returns its path and the
     curves drawn."""
+    stages = load_run(run_dir)
     out = out or default_out(run_dir)
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out) or not os.path.isdir(folder):
         what = "is a directory" if os.path.isdir(out) else f"folder {folder!r} does not exist"
         raise cli.UsageError(f"--out {out!r}: {what}", "give a .png path in an existing folder")
-    stages = load_run(run_dir)
     partial = f"{out}.partial-{os.getpid()}"
     try:  # written beside the target and renamed: a failure leaves no partial picture
         draw(stages, partial)

@@ -72,6 +72,7 @@ class TensorBoardLogger:
         prefix = tag_prefix(str(record.get("stage", "train")))
         for key, value in scalar_items(record):
             writer.add_scalar(f"{prefix}/{key}", value, global_step=step)
+        writer.flush()  # on disk at every record (every --log-every steps): nothing to close
 
     def flush(self) -> None:
         if self._writer is not None:

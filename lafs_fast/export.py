@@ -79,7 +79,8 @@ def export_onnx(model: PartFViT, out: str, opset: int = 17, return_landmarks: bo
     with torch.no_grad(), warnings.catch_warnings():
         # Expected and harmless here: the exporter's notice that it is the TorchScript one, and the
         # tracer's note that the model's shape checks are constants of the trace.
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
+                                category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # the TorchScript exporter (dynamo=False): no onnxscript needed, and it handles SDPA
@@ -146,7 +147,8 @@ def run(a: argparse.Namespace) -> int:
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    msg = f"wrote {a.out}: image (batch, {model.channels}, {model.image_size}, {model.image_size}) -> embedding (batch, {model.dim})"
+    S = model.image_size
+    msg = f"wrote {a.out}: image (batch, {model.channels}, {S}, {S}) -> embedding (batch, {model.dim})"
     if a.check:
         try:
             diff = check_onnx(model, a.out)

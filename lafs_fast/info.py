@@ -102,7 +102,8 @@ def run(_args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = cli.ArgumentParser(prog=PROG, description="Print versions, build facts and which op backends are usable here.",
+    parser = cli.ArgumentParser(prog=PROG, description="Print versions, build facts and which op backends "
+                                                       "are usable here.",
                                 epilog="Exit status 1 when the build promised a backend that cannot run here.")
     return cli.run(PROG, run, parser.parse_args(argv))
 

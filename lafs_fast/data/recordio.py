@@ -17,7 +17,6 @@ import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 

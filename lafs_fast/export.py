@@ -17,13 +17,17 @@ trained CNN) are not special-cased here, unlike the training op.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cli
+from ._extras import require_extra
 from .models.part_fvit import PartFViT
 from .reference import patch_offsets
 
@@ -66,41 +70,98 @@ def export_onnx(model: PartFViT, out: str, opset: int = 17, return_landmarks: bo
     """Write `out` (an .onnx file); returns its path."""
     if opset < 16:
         raise ValueError(f"--opset must be >= 16 (GridSample), got {opset}")
+    require_extra("onnx", "onnx", "ONNX export")
     wrapped = ExportablePartFViT(model.float().cpu(), return_landmarks).eval()
     S = model.image_size
     x = torch.zeros(example_batch, model.channels, S, S).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
     outputs = ["embedding", "landmarks"] if return_landmarks else ["embedding"]
     axes = {"image": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Expected and harmless here: the exporter's notice that it is the TorchScript one, and the
+        # tracer's note that the model's shape checks are constants of the trace.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
+                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # the TorchScript exporter (dynamo=False): no onnxscript needed, and it handles SDPA
         torch.onnx.export(wrapped, (x,), out, input_names=["image"], output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lafs_fast.export", description=__doc__.split("\n\n")[0])
+PROG = "python -m lafs_fast.export"
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="lafs_fast model file or official release checkpoint")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
     p.add_argument("--landmark-cnn", default=None, help="release checkpoint whose landmark CNN completes "
                                                         "a LAFS / DINO backbone")
     p.add_argument("--landmarks-output", action="store_true", help="also output the (B, N, 2) landmarks")
-    p.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare with PyTorch")
-    a = p.parse_args(argv)
+    p.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare with PyTorch "
+                                                        "(onnxruntime: the onnx extra)")
+    return p
+
+
+def check_arguments(a: argparse.Namespace) -> None:
+    """Bad usage found before any work (nothing is written)."""
+    if not os.path.isfile(a.checkpoint):
+        raise cli.UsageError(f"--checkpoint: no such file {a.checkpoint!r}",
+                             "give the model.pt a training run wrote, or a release checkpoint")
+    if a.landmark_cnn and not os.path.isfile(a.landmark_cnn):
+        raise cli.UsageError(f"--landmark-cnn: no such file {a.landmark_cnn!r}", "give a release checkpoint")
+    if a.opset < 16:
+        raise cli.UsageError(f"--opset must be >= 16, got {a.opset}", "GridSample, which the graph uses, "
+                                                                      "needs opset 16; the default is 17")
+    folder = os.path.dirname(os.path.abspath(a.out))
+    if os.path.isdir(a.out) or not os.path.isdir(folder):
+        what = "is a directory" if os.path.isdir(a.out) else f"folder {folder!r} does not exist"
+        raise cli.UsageError(f"--out {a.out!r}: {what}", "give a file path such as model.onnx in an existing folder")
+
+
+def run(a: argparse.Namespace) -> int:
+    check_arguments(a)
+    require_extra("onnx", "onnx", "ONNX export")  # torch.onnx writes the file through it
+    if a.check:
+        require_extra("onnxruntime", "onnx", "--check")
+    from .checkpoint import CheckpointError
     from .convert import load_any_model
     try:
         model = load_any_model(a.checkpoint, a.landmark_cnn)
-        export_onnx(model, a.out, a.opset, a.landmarks_output)
-    except (ValueError, OSError) as e:
-        print(f"python -m lafs_fast.export: error: {e}", file=sys.stderr)
-        return 2
-    msg = f"wrote {a.out}: image (batch, {model.channels}, {model.image_size}, {model.image_size}) -> embedding (batch, {model.dim})"
+    except (CheckpointError, ValueError) as e:
+        raise cli.UsageError(str(e)) from None
+    except OSError as e:
+        raise cli.UsageError(f"cannot read {a.checkpoint}: {e.strerror or e}", "check its permissions") from None
+    # Written beside the target and renamed: a failed export leaves no partial file behind.
+    partial = f"{a.out}.partial-{os.getpid()}"
+    try:
+        export_onnx(model, partial, a.opset, a.landmarks_output)
+        os.replace(partial, a.out)
+    except OSError as e:
+        raise cli.RunError(f"could not write {a.out}: {e.strerror or e}", "check the free space and "
+                                                                          "permissions of its folder") from None
+    except Exception as e:  # the exporter's own errors (an op it cannot convert)
+        raise cli.RunError(f"ONNX export of {a.checkpoint} failed: {type(e).__name__}: {e}") from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    S = model.image_size
+    msg = f"wrote {a.out}: image (batch, {model.channels}, {S}, {S}) -> embedding (batch, {model.dim})"
     if a.check:
-        diff = check_onnx(model, a.out)
+        try:
+            diff = check_onnx(model, a.out)
+        except Exception as e:  # onnxruntime cannot load or run the file
+            raise cli.RunError(f"wrote {a.out}, but onnxruntime could not run it: {type(e).__name__}: {e}") from None
         msg += f"; onnxruntime vs PyTorch: max abs difference {diff:.2e}"
     print(msg)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    return cli.run(PROG, run, a)
 
 
 def check_onnx(model: PartFViT, path: str, batch: int = 3) -> float:

@@ -2,8 +2,11 @@
 import importlib.util
 import os
 import platform
+import sys
 
 import torch
+
+from . import cli
 
 
 def backend_status() -> dict:
@@ -75,8 +78,10 @@ def promised_but_unusable(facts: dict) -> list:
     return problems
 
 
-def main():
-    facts = info()
+PROG = "python -m lafs_fast.info"
+
+
+def print_report(facts: dict) -> None:
     for key, value in facts.items():
         if isinstance(value, dict):
             print(f"{key}:")
@@ -84,11 +89,24 @@ def main():
                 print(f"  {k:<16} {v}")
         else:
             print(f"{key:<18} {value}")
+
+
+def run(_args) -> int:
+    facts = info()
+    print_report(facts)
     problems = promised_but_unusable(facts)
     if problems:
-        raise SystemExit("lafs_fast.info: the build promised backends that are unusable here: "
-                         + "; ".join(problems))
+        raise cli.RunError("the build promised backends that are unusable here: " + "; ".join(problems),
+                           "rebuild in this environment: pip install --no-build-isolation .")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = cli.ArgumentParser(prog=PROG, description="Print versions, build facts and which op backends "
+                                                       "are usable here.",
+                                epilog="Exit status 1 when the build promised a backend that cannot run here.")
+    return cli.run(PROG, run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from typing import Optional, Union
 
@@ -35,6 +36,14 @@ def _to_rgb(img: Tensor) -> Tensor:
     return img
 
 
+def _decode_failure(error: Exception) -> str:
+    """PIL's reason without the repr of the in-memory file it was given."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)).strip()
+    if text.startswith("cannot identify image file"):
+        return "unrecognised image format"
+    return text or type(error).__name__
+
+
 def decode_image_bytes(data: Union[bytes, bytearray, memoryview],
                        image_size: Optional[int] = None) -> Tensor:
     """Encoded JPEG / PNG / PGM / PPM bytes -> uint8 (3, H, W) RGB (grey replicated), optionally
@@ -51,7 +60,7 @@ def decode_image_bytes(data: Union[bytes, bytearray, memoryview],
                 arr = np.asarray(im.convert("RGB"))
             img = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     except Exception as e:  # PIL raises OSError / SyntaxError variants for corrupt data
-        raise ValueError(f"could not decode image ({len(data)} bytes): {e}") from e
+        raise ValueError(f"could not decode image ({len(data)} bytes): {_decode_failure(e)}") from e
     img = _to_rgb(img)
     return resize_uint8(img, image_size) if image_size else img
 
@@ -79,39 +88,74 @@ def read_image_file(path: str, image_size: Optional[int] = None) -> Tensor:
         raise ValueError(f"{path}: {e}") from e
 
 
+class CorruptDataWarning(UserWarning):
+    """A training item that cannot be read was skipped."""
+
+
 class SkipCorrupt:
     """Item access that survives bad data: ``ds[i]`` is item i or, when it cannot be read (a
     corrupt or truncated file / record), the next readable item (wrapping around) with that
-    item's own label. Each bad item is skipped with a warning and remembered in ``bad_keys``
-    (per process: DataLoader workers keep their own) and passed over for free afterwards, so a
-    bad item never stops an epoch; only ``max_skip`` failed reads in a row raise (a ValueError
-    naming the source), as does a dataset with nothing readable left.
+    item's own label. Only ``max_skip`` failed reads in a row raise (a ValueError naming the
+    source), as does a dataset with nothing readable left.
+
+    A bad item is named in one warning line and flagged in shared memory, which DataLoader
+    workers share with the main process and with the next epoch's workers: it is passed over
+    for free afterwards, warned about once per run, and counted where the training loop can read
+    it -- ``num_corrupt`` (found so far), ``bad_keys`` (their paths / record keys) and
+    ``count_corrupt(indices)`` (how many of an epoch's items were bad).
 
     Subclasses define __len__, ``load(i)`` (raises ValueError / OSError for a bad item),
-    ``item_key(i)`` and set ``bad_keys``, ``max_skip``, ``source`` and ``item_kind``."""
+    ``item_key(i)``, set ``max_skip``, ``source`` and ``item_kind``, and call
+    ``track_corrupt(len(self), known_bad)`` once their items are known."""
 
-    bad_keys: set
     max_skip: int = 64
     source: str = ""
     item_kind: str = "item"
 
+    def track_corrupt(self, num_items: int, known_bad=()) -> None:
+        """known_bad: keys found bad before any read that are not items (counted, not indexed)."""
+        self._bad = torch.zeros(num_items, dtype=torch.uint8).share_memory_()
+        self._known_bad = set(known_bad)
+
+    @property
+    def bad_keys(self) -> set:
+        return self._known_bad | {self.item_key(int(i)) for i in self._bad.nonzero().flatten()}
+
     @property
     def num_corrupt(self) -> int:
-        return len(self.bad_keys)
+        return len(self._known_bad) + int(self._bad.sum())
+
+    def count_corrupt(self, indices) -> int:
+        """How many of these items are known to be corrupt (an epoch's: the ones it lacked)."""
+        return int(self._bad[torch.as_tensor(indices, dtype=torch.long)].sum())
+
+    def mark_corrupt(self, i: int) -> bool:
+        """Flag item i; False when it was flagged already (by this or another process)."""
+        if self._bad[i]:
+            return False
+        self._bad[i] = 1
+        return True
+
+    def corrupt_reason(self, key, error: Exception) -> str:
+        return str(error)
 
     def __getitem__(self, i: int):
         n, tries, last = len(self), 0, None
         for step in range(n):
             j = (i + step) % n
-            key = self.item_key(j)
-            if key in self.bad_keys:
+            if self._bad[j]:
                 continue
             try:
                 return self.load(j)
             except (ValueError, KeyError, OSError) as e:
-                self.bad_keys.add(key)
                 tries, last = tries + 1, e
-                warnings.warn(f"{type(self).__name__}: skipping corrupt {self.item_kind} {key}: {e}")
+                if self.mark_corrupt(j):
+                    key = self.item_key(j)
+                    # One line (no source line under it): the item, why, and the count so far.
+                    warnings.warn_explicit(
+                        f"{type(self).__name__}: skipping corrupt {self.item_kind} {key}: "
+                        f"{self.corrupt_reason(key, e)}; {self.num_corrupt} corrupt so far",
+                        CorruptDataWarning, filename="lafs_fast.data", lineno=0, module=__name__)
             if tries >= self.max_skip:
                 break
         raise ValueError(f"no readable {self.item_kind} from index {i} of {self.source}: {tries} read(s) in a "
@@ -130,7 +174,7 @@ class ImageFolderDataset(SkipCorrupt, Dataset):
         if not os.path.isdir(root):
             raise ValueError(f"root {root!r} is not a directory")
         self.root, self.image_size = root, image_size
-        self.source, self.max_skip, self.bad_keys = root, max_skip, set()
+        self.source, self.max_skip = root, max_skip
         self.classes: list[str] = []
         self.empty: list[str] = []
         paths, labels = [], []
@@ -152,6 +196,7 @@ class ImageFolderDataset(SkipCorrupt, Dataset):
                           f"in {root}, e.g. {self.empty[:3]}")
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.track_corrupt(len(paths))
 
     @property
     def num_empty(self) -> int:
@@ -166,6 +211,10 @@ class ImageFolderDataset(SkipCorrupt, Dataset):
 
     def item_key(self, i: int) -> str:
         return self.paths[i]
+
+    def corrupt_reason(self, key, error: Exception) -> str:
+        text = str(error)  # read_image_file's message starts with the path the warning names
+        return text[len(f"{key}: "):] if text.startswith(f"{key}: ") else text
 
     def load(self, i: int):
         """Image i or an exception (ValueError / OSError) -- no skipping."""

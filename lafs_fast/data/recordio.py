@@ -17,7 +17,6 @@ import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -151,9 +150,9 @@ class RecordIODataset(SkipCorrupt, Dataset):
     """insightface train.rec / train.idx as (uint8 (3, S, S), int label) items.
 
     A corrupt record (bad magic, truncation, undecodable image) is skipped: the next good record
-    is returned instead and the bad key is remembered in ``bad_keys`` (per process: DataLoader
-    workers keep their own). Only when ``max_skip`` records in a row are bad does it raise
-    (``SkipCorrupt``). .idx entries that point past the end of the .rec (a truncated file) are
+    is returned instead, the record is named in one warning and its key joins ``bad_keys``
+    (shared with DataLoader workers, see ``SkipCorrupt``). Only when ``max_skip`` records in a
+    row are bad does it raise. .idx entries that point past the end of the .rec (a truncated file) are
     known bad at once: left out of the items, counted in ``bad_keys``, with one warning.
     """
 
@@ -171,7 +170,6 @@ class RecordIODataset(SkipCorrupt, Dataset):
         rec = path_prefix if path_prefix.endswith(".rec") else path_prefix + ".rec"
         self.reader = RecordIOReader(rec)
         self.image_size, self.max_skip, self.source = image_size, max_skip, rec
-        self.bad_keys: set[int] = set()
         self._labels: Optional[np.ndarray] = None
         self.image_keys = list(self.reader.keys)  # no insightface header: every record an image
         if 0 in self.reader.index:
@@ -191,11 +189,12 @@ class RecordIODataset(SkipCorrupt, Dataset):
             raise ValueError(f"every image entry of {self.reader.idx_path} points past the end of {rec} "
                              f"({self.reader.size} bytes): the .rec is truncated or the .idx is not its index")
         if past:
-            self.bad_keys.update(past)
             warnings.warn(f"RecordIODataset: {len(past)} of {len(self.image_keys)} entries of "
                           f"{self.reader.idx_path} point past the end of {rec} ({self.reader.size} bytes; "
                           f"truncated?), e.g. key {past[0]}: they are left out")
-            self.image_keys = [k for k in self.image_keys if k not in self.bad_keys]
+            lost = set(past)
+            self.image_keys = [k for k in self.image_keys if k not in lost]
+        self.track_corrupt(len(self.image_keys), known_bad=past)
 
     def __len__(self) -> int:
         return len(self.image_keys)
@@ -214,6 +213,9 @@ class RecordIODataset(SkipCorrupt, Dataset):
         except ValueError as e:
             raise RecordIOError(f"{self.source}: record {key}: {e}") from e
 
+    def corrupt_reason(self, key, error: Exception) -> str:
+        return str(error).replace(f"{self.source}: record {key}: ", f"{self.source}: ", 1)
+
     @property
     def labels(self) -> np.ndarray:
         """All labels (int64, one per item; read once, on first use, from every record header),
@@ -221,12 +223,12 @@ class RecordIODataset(SkipCorrupt, Dataset):
         if self._labels is None:
             out = np.full(len(self.image_keys), -1, dtype=np.int64)
             for i, k in enumerate(self.image_keys):
-                if k in self.bad_keys:
+                if self._bad[i]:
                     continue
                 try:
                     out[i] = int(unpack_record(self.reader.read(k))[0][0])
                 except (RecordIOError, KeyError, OSError):
-                    self.bad_keys.add(k)
+                    self.mark_corrupt(i)
             self._labels = out
         return self._labels
 

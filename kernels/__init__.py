@@ -1,6 +1,7 @@
-"""Triton kernels of lafs_fast (installed as lafs_fast.kernels). One file per op, each holding
-its @triton.jit kernels, their launchers and the torch op wrapping them (as Liger-Kernel does).
-Triton is optional: nothing here imports it until an op module is imported."""
+"""Triton kernels of lafs_fast (installed as lafs_fast.kernels). One file per op family, each
+holding its @triton.jit kernels and their launchers; the family's module in lafs_fast/ops/
+registers the launchers as torch ops. Triton is optional: nothing here imports it until an op
+module is imported."""
 import importlib
 
 OP_MODULES = ("landmark_patch_embed",)

@@ -1,8 +1,9 @@
 """Triton backend of lafs_fast: landmark patch sampling fused with the patch embedding.
 
-Liger-Kernel layout: the @triton.jit kernels, their launchers and the torch op wrappers side by
-side. The maths is the one of lafs_fast/reference.py (the oracle): token convention, Philox 4x32-10
-landmark noise, floor-based bilinear taps, non-finite landmark -> zero patch and zero gradient.
+The @triton.jit kernels and their launchers; lafs_fast/ops/patch_embed.py registers the launchers
+embed_forward, embed_backward, patches_forward and patches_backward as torch ops. The maths is the
+one of lafs_fast/reference.py (the oracle): token convention, Philox 4x32-10 landmark noise,
+floor-based bilinear taps, non-finite landmark -> zero patch and zero gradient.
 
 Notation: B batch, C channels, H x W image, N landmarks, K output slots (K = N without index),
 M = B*K tokens, P patch size, F = P*P*C patch features (feature f = (i*P + j)*C + c), D outputs.
@@ -23,9 +24,7 @@ Kernels
                         landmark (index): grid (B, N/BLOCK_N), fixed order, deterministic.
   grad_bias is a torch sum.
 
-Under TRITON_INTERPRET=1 (CPU) the ops are torch.library.custom_op's with explicit fake kernels
-instead of triton_op's: a triton_op's function doubles as its fake kernel and as the graph that
-torch.compile inlines, and an interpreted kernel cannot run on fake tensors.
+Under TRITON_INTERPRET=1 (INTERPRET below) the kernels run on the CPU, interpreted.
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 # The state @triton.jit saw when this module was imported (InterpretedFunction vs JITFunction).
-_INTERPRET = bool(triton.knobs.runtime.interpret)
+INTERPRET = bool(triton.knobs.runtime.interpret)
 
 _PHILOX_SEEDS = ["seed_lo", "seed_hi"]
 
@@ -402,7 +401,7 @@ def _dot_config(images: Tensor):
     cdt = _TL_DTYPE[_compute_dtype(images)]
     if images.dtype in (torch.bfloat16, torch.float16):
         dot_dt = _TL_DTYPE[images.dtype]
-        return cdt, dot_dt, _INTERPRET and images.dtype == torch.bfloat16
+        return cdt, dot_dt, INTERPRET and images.dtype == torch.bfloat16
     return cdt, cdt, False
 
 
@@ -437,7 +436,9 @@ def _common_args(images: Tensor, landmarks: Tensor, index: Optional[Tensor]):
     return B, C, H, W, K, idx, strides
 
 
-def _embed_forward(images, landmarks, weight, bias, index, patch_size, perturb_std, seed):
+def embed_forward(images: Tensor, landmarks: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  index: Optional[Tensor], patch_size: int, perturb_std: float, seed: int) -> Tensor:
+    """Tokens (B, K, D) = patches @ weight.T + bias; arguments already checked by lafs_fast.ops."""
     B, C, H, W, K, idx, strides = _common_args(images, landmarks, index)
     D = weight.shape[0]
     M = B * K
@@ -460,7 +461,9 @@ def _embed_forward(images, landmarks, weight, bias, index, patch_size, perturb_s
     return out
 
 
-def _patches_forward(images, landmarks, index, patch_size, perturb_std, seed):
+def patches_forward(images: Tensor, landmarks: Tensor, index: Optional[Tensor], patch_size: int,
+                    perturb_std: float, seed: int) -> Tensor:
+    """Patches (B, K, P*P*C) in the token layout."""
     B, C, H, W, K, idx, strides = _common_args(images, landmarks, index)
     P = int(patch_size)
     F = P * P * int(C)
@@ -544,15 +547,12 @@ def _grad_weight(grad_out2d, images, landmarks, weight, index, patch_size, pertu
     return gw
 
 
-# ============================================================================= torch ops
-def _embed_op_fn(images: Tensor, landmarks: Tensor, weight: Tensor, bias: Optional[Tensor],
-                 index: Optional[Tensor], patch_size: int, perturb_std: float, seed: int) -> Tensor:
-    return _embed_forward(images, landmarks, weight, bias, index, patch_size, perturb_std, seed)
-
-
-def _embed_bwd_op_fn(grad_out: Tensor, images: Tensor, landmarks: Tensor, weight: Tensor,
-                     index: Optional[Tensor], patch_size: int, perturb_std: float, seed: int,
-                     output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+# ============================================================================= backward launchers
+def embed_backward(grad_out: Tensor, images: Tensor, landmarks: Tensor, weight: Tensor,
+                   index: Optional[Tensor], patch_size: int, perturb_std: float, seed: int,
+                   output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (images, landmarks, weight, bias); a masked-out one comes back empty. The
+    image gradient is summed with atomics (not bit-reproducible)."""
     need_img, need_lm, need_w, need_b = output_mask
     D = weight.shape[0]
     g2d = grad_out.reshape(grad_out.shape[0] * grad_out.shape[1], D)
@@ -565,57 +565,13 @@ def _embed_bwd_op_fn(grad_out: Tensor, images: Tensor, landmarks: Tensor, weight
     return g_img, g_lm, g_w, g_b
 
 
-def _patches_op_fn(images: Tensor, landmarks: Tensor, index: Optional[Tensor], patch_size: int,
-                   perturb_std: float, seed: int) -> Tensor:
-    return _patches_forward(images, landmarks, index, patch_size, perturb_std, seed)
-
-
-def _patches_bwd_op_fn(grad_patches: Tensor, images: Tensor, landmarks: Tensor,
-                       index: Optional[Tensor], patch_size: int, perturb_std: float, seed: int,
-                       output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+def patches_backward(grad_patches: Tensor, images: Tensor, landmarks: Tensor,
+                     index: Optional[Tensor], patch_size: int, perturb_std: float, seed: int,
+                     output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """Gradients for (images, landmarks) of landmark_patches; a masked-out one comes back empty."""
     B, K, F = grad_patches.shape
     return _sampling_backward(grad_patches.reshape(B * K, F), None, images, landmarks, index,
                               patch_size, perturb_std, seed, output_mask[0], output_mask[1])
-
-
-def _define(name, fn, fake):
-    if _INTERPRET:
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fake)
-        return op
-    return torch.library.triton_op(name, fn, mutates_args=())
-
-
-# Registered once per process: not by the copy compile_all_for_sm90 loads in a subprocess, nor by
-# this file imported a second time under another module name.
-if not globals().get("_AOT_COPY", False) and not hasattr(torch.ops.lafs_fast,
-                                                         "landmark_patch_embed_triton"):
-    from lafs_fast import ops as _ops  # the shared fake kernels and autograd glue
-
-    _setup, _backward = _ops.embed_autograd("landmark_patch_embed_triton_backward")
-    _define("lafs_fast::landmark_patch_embed_triton", _embed_op_fn, _ops.embed_fake
-            ).register_autograd(_backward, setup_context=_setup)
-    _define("lafs_fast::landmark_patch_embed_triton_backward", _embed_bwd_op_fn, _ops.embed_backward_fake)
-    _setup, _backward = _ops.patches_autograd("landmark_patches_triton_backward")
-    _define("lafs_fast::landmark_patches_triton", _patches_op_fn, _ops.patches_fake
-            ).register_autograd(_backward, setup_context=_setup)
-    _define("lafs_fast::landmark_patches_triton_backward", _patches_bwd_op_fn, _ops.patches_backward_fake)
-
-
-def landmark_patch_embed_triton(images: Tensor, landmarks: Tensor, weight: Tensor,
-                                bias: Optional[Tensor], index: Optional[Tensor], patch_size: int,
-                                perturb_std: float, seed: int) -> Tensor:
-    """Tokens (B, K, D); arguments already validated by lafs_fast.ops. Differentiable in images,
-    landmarks, weight, bias (image gradient summed with atomics: not bit-reproducible)."""
-    return torch.ops.lafs_fast.landmark_patch_embed_triton(
-        images, landmarks, weight, bias, index, int(patch_size), float(perturb_std), int(seed))
-
-
-def landmark_patches_triton(images: Tensor, landmarks: Tensor, index: Optional[Tensor],
-                            patch_size: int, perturb_std: float, seed: int) -> Tensor:
-    """Patches (B, K, P*P*C) in the token layout; differentiable in images and landmarks."""
-    return torch.ops.lafs_fast.landmark_patches_triton(
-        images, landmarks, index, int(patch_size), float(perturb_std), int(seed))
 
 
 # ============================================================================= AOT check
@@ -651,7 +607,6 @@ def _compile_all_in_subprocess(dtype: str, num_warps: int) -> dict:
         "import importlib.util, json, sys\n"
         f"spec = importlib.util.spec_from_file_location('_lafs_fast_triton_aot', {__file__!r})\n"
         "m = importlib.util.module_from_spec(spec)\n"
-        "m._AOT_COPY = True\n"
         "spec.loader.exec_module(m)\n"
         f"res = m._compile_all({dtype!r}, {int(num_warps)})\n"
         "out = {n: [c.hash, c.metadata_group] for n, c in res.items()}\n"

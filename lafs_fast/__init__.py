@@ -37,5 +37,5 @@ def _adopt_installed_build():
 
 COMPILED_FROM = _adopt_installed_build()
 
-from . import ops, reference  # noqa: F401,E402  (ops registers torch.ops.lafs_fast.* when _C is built)
+from . import ops, reference  # noqa: F401,E402  (ops loads _C and registers the ops' Python parts)
 from .ops import landmark_patch_embed, landmark_patches  # noqa: F401,E402

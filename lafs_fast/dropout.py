@@ -1,103 +1,17 @@
-"""Counter-based dropout: torch.ops.lafs_fast.philox_dropout and a drop-in nn.Dropout.
+"""Deprecated: the counter-based dropout moved to lafs_fast.ops.dropout and is named for what it
+is. Old name -> new: philox_dropout -> counter_dropout, PhiloxDropout -> CounterDropout,
+use_philox_dropout -> use_counter_dropout (import them from lafs_fast.ops). This module goes in
+the next release."""
+import warnings
 
-(Named philox_dropout after its first version, which used Philox; a hash is 5x cheaper.)
+from .ops.dropout import CounterDropout, counter_dropout, use_counter_dropout
 
-Why: torch's CPU dropout draws its mask with bernoulli_, which off Intel CPUs is one serial
-mt19937 draw per element; in a small ViT pretraining step on this project's 2-core AMD machine
-that was ~12-19 % of the step. The Philox mask is a pure function of (seed, flat index, p), so the
-kernel runs on every core, vectorised, and the backward recomputes the mask instead of saving it
-(the mask function: lafs_fast.reference.dropout_keep_mask, an integer hash of (seed, index)).
+warnings.warn("lafs_fast.dropout is deprecated: use `from lafs_fast.ops import counter_dropout, "
+              "CounterDropout, use_counter_dropout` (the new names of philox_dropout, PhiloxDropout, "
+              "use_philox_dropout)", DeprecationWarning, stacklevel=2)
 
-Numerics: the same distribution as nn.Dropout (keep probability 1 - p, p quantised to 2^-32), a
-different random stream. `use_philox_dropout(model)` swaps a model's nn.Dropout modules (a
-switch: `--fast-dropout false` keeps torch's). On CUDA tensors the module uses torch's dropout,
-already a fused kernel there. Oracle: lafs_fast.reference.dropout.
-"""
-from __future__ import annotations
-
-import torch
-from torch import Tensor, nn
-
-from . import reference
-from .ops import HAS_EXTENSION
+philox_dropout = counter_dropout
+PhiloxDropout = CounterDropout
+use_philox_dropout = use_counter_dropout
 
 __all__ = ["philox_dropout", "PhiloxDropout", "use_philox_dropout"]
-
-
-def _has_cpu_kernel() -> bool:
-    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("lafs_fast::philox_dropout", "CPU")
-
-
-HAS_KERNEL = _has_cpu_kernel()
-
-if HAS_KERNEL:
-    @torch.library.register_fake("lafs_fast::philox_dropout")
-    def _fake(x, p, seed):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    def _setup(ctx, inputs, output):
-        _, ctx.p, ctx.seed = inputs
-
-    def _backward(ctx, grad):
-        # same mask, same scale: d(x * keep * s)/dx = keep * s
-        return torch.ops.lafs_fast.philox_dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
-
-    torch.library.register_autograd("lafs_fast::philox_dropout", _backward, setup_context=_setup)
-
-
-def philox_dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    """x * keep / (1 - p), keep = reference.dropout_keep_mask(seed); differentiable in x."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p must be in [0, 1), got {p}")
-    if not x.is_floating_point():
-        raise ValueError(f"dropout input must be floating point, got {x.dtype}")
-    if HAS_KERNEL and x.device.type == "cpu":
-        return torch.ops.lafs_fast.philox_dropout(x, float(p), int(seed))
-    return _ReferenceDropout.apply(x, p, seed)
-
-
-class _ReferenceDropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, p, seed):
-        ctx.p, ctx.seed = p, seed
-        return reference.dropout(x.contiguous(), p, seed)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reference.dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
-
-
-class PhiloxDropout(nn.Module):
-    """nn.Dropout with the counter-based CPU kernel; the seed of each call comes from torch's
-    default CPU generator, so torch.manual_seed makes runs repeatable."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
-            # CUDA: torch's fused kernel. Under torch.compile the seed below would be a
-            # data-dependent int (fullgraph fails); inductor generates its own dropout code.
-            return nn.functional.dropout(x, self.p, True)
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        return philox_dropout(x, self.p, seed)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def use_philox_dropout(model: nn.Module) -> int:
-    """Replace every nn.Dropout in `model` by PhiloxDropout(p) in place; returns how many."""
-    n = 0
-    for name, child in list(model.named_children()):
-        if type(child) is nn.Dropout:
-            setattr(model, name, PhiloxDropout(child.p))
-            n += 1
-        else:
-            n += use_philox_dropout(child)
-    return n

@@ -102,7 +102,7 @@ def dropout_keep_mask(numel: int, p: float, seed: int, device=None) -> Tensor:
 
 
 def dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    """The oracle of torch.ops.lafs_fast.philox_dropout: x * (keep ? 1 / (1 - p) : 0), computed in
+    """The oracle of torch.ops.lafs_fast.counter_dropout: x * (keep ? 1 / (1 - p) : 0), computed in
     float64 for float64 inputs and float32 otherwise (so a dropped inf / NaN gives NaN, as torch's
     dropout does)."""
     keep = dropout_keep_mask(x.numel(), p, seed, x.device).view(x.shape)

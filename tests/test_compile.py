@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lafs_fast import ops, views
-from lafs_fast.dropout import philox_dropout
+from lafs_fast.ops import photometric
+from lafs_fast.ops.dropout import counter_dropout
 
 pytestmark = pytest.mark.slow  # inductor's C++ compiles: ~5-40 s per test on a cold cache
 
@@ -107,22 +108,22 @@ def test_photometric_augment_compiles():
     cfg = views.ViewConfig(size=8)
     g = torch.Generator().manual_seed(5)
     x = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1
-    params = views.draw_photometric_params(6, torch.full((6,), 0.5), torch.full((6,), 0.5), cfg, g, x.device)
+    params = photometric.draw_photometric_params(6, torch.full((6,), 0.5), torch.full((6,), 0.5), cfg, g, x.device)
 
     def f(x):
-        return views.apply_photometric(x, params, cfg)   # auto: the C++ kernel (no autograd: views are data)
+        return photometric.apply_photometric(x, params, cfg)   # auto: the C++ kernel (no autograd: views are data)
 
     got, want = compile_(f)(x), f(x)
     assert not torch.equal(want, x)   # the augmentation did something
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    torch.testing.assert_close(want, views.apply_photometric_reference(x, params, cfg), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(want, photometric.apply_photometric_reference(x, params, cfg), rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_compiles():
     x = torch.randn(4, 33, generator=torch.Generator().manual_seed(6))
 
     def f(x):
-        return philox_dropout(x, 0.25, 11)
+        return counter_dropout(x, 0.25, 11)
 
     compiled, eager = grads_of(compile_(f), (x,)), grads_of(f, (x,))
     assert_same(compiled, eager)
@@ -133,10 +134,10 @@ def test_dropout_compiles():
 
 
 def test_dropout_module_compiles_in_a_model():
-    """A model with PhiloxDropout in training mode compiles with fullgraph (the module's seed is
+    """A model with CounterDropout in training mode compiles with fullgraph (the module's seed is
     drawn as a Python int in eager mode; compiled, it is torch's dropout, the same distribution)."""
-    from lafs_fast.dropout import PhiloxDropout
-    model = torch.nn.Sequential(PhiloxDropout(0.5)).train()
+    from lafs_fast.ops.dropout import CounterDropout
+    model = torch.nn.Sequential(CounterDropout(0.5)).train()
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(7))
     y = compile_(model)(x)
     kept = y != 0

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from lafs_fast import ops, reference
-from lafs_fast import dropout as D
-from lafs_fast.views import apply_photometric_reference
+from lafs_fast.ops.dropout import counter_dropout
+from lafs_fast.ops.photometric import apply_photometric_reference
 from tolerances import assert_close, forward_tol, grad_tol
 from test_ops_landmark_patch_embed import make_case
 from test_views_photometric import CFG, assert_matches, images as photo_images, op as photo_op, params
@@ -103,6 +103,16 @@ def test_set_cpu_isa_returns_previous_and_rejects_bad_names():
             torch.ops.lafs_fast.set_cpu_isa(isa)
 
 
+def test_python_helpers_report_and_force_the_same_path_as_the_ops():
+    assert ops.cpu_isa_supported() == SUPPORTED
+    for isa in SUPPORTED:
+        prev = ops.cpu_isa()
+        assert ops.set_cpu_isa(isa) == prev
+        assert ops.cpu_isa() == torch.ops.lafs_fast.cpu_isa() == isa
+    with pytest.raises(RuntimeError, match="avx512, avx2, baseline.*'sse9'"):
+        ops.set_cpu_isa("sse9")
+
+
 def run_python(code, **env):
     e = {**os.environ, **env}
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True,
@@ -123,7 +133,7 @@ def test_environment_forces_the_path_and_info_names_it(isa):
 
 def test_bad_environment_value_is_a_clear_error():
     code = ("import torch, lafs_fast.ops\n"
-            "try:\n    torch.ops.lafs_fast.philox_dropout(torch.ones(4), 0.5, 1)\n"
+            "try:\n    torch.ops.lafs_fast.counter_dropout(torch.ones(4), 0.5, 1)\n"
             "except RuntimeError as e:\n    print('ERR', e)\n")
     out = run_python(code, LAFS_FAST_CPU_ISA="avx9000")
     assert "ERR" in out and "LAFS_FAST_CPU_ISA" in out and "avx9000" in out
@@ -264,11 +274,11 @@ def test_dropout_bitwise_equal_to_oracle_on_every_path(dtype):
                         dtype=torch.float64).to(dtype)
         want = reference.dropout(x, 0.3, 987654321)
         torch.set_num_threads(2)
-        for isa, (got,) in on_each_path(lambda: [D.philox_dropout(x, 0.3, 987654321)]).items():
+        for isa, (got,) in on_each_path(lambda: [counter_dropout(x, 0.3, 987654321)]).items():
             assert torch.equal(got, want), f"{isa} {dtype} numel {numel}"
     # non-contiguous input: the mask follows the logical (contiguous) order
     x = torch.randn(37, 19).t()
-    for isa, (got,) in on_each_path(lambda: [D.philox_dropout(x, 0.2, 5)]).items():
+    for isa, (got,) in on_each_path(lambda: [counter_dropout(x, 0.2, 5)]).items():
         assert torch.equal(got, reference.dropout(x.contiguous(), 0.2, 5)), isa
 
 

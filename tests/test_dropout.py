@@ -1,4 +1,4 @@
-"""Counter-based dropout (lafs_fast.dropout): the C++ kernel against the oracle
+"""Counter-based dropout (lafs_fast.ops.dropout): the C++ kernel against the oracle
 (lafs_fast.reference.dropout), its statistics, gradients and the nn.Dropout swap."""
 import math
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from lafs_fast import dropout as D
+from lafs_fast.ops import dropout
 from lafs_fast import reference as R
 from lafs_fast.models import create_model
 
-needs_kernel = pytest.mark.skipif(not D.HAS_KERNEL, reason="lafs_fast._C not built")
+needs_kernel = pytest.mark.skipif(not dropout.HAS_KERNEL, reason="lafs_fast._C not built")
 
 
 @needs_kernel
@@ -19,7 +19,7 @@ needs_kernel = pytest.mark.skipif(not D.HAS_KERNEL, reason="lafs_fast._C not bui
 def test_kernel_matches_oracle_bitwise(numel, dtype):
     # Same mask by construction and the same one multiply in the same precision: bitwise equal.
     x = torch.randn(numel, dtype=torch.float64).to(dtype)
-    got = torch.ops.lafs_fast.philox_dropout(x, 0.3, 987654321)
+    got = torch.ops.lafs_fast.counter_dropout(x, 0.3, 987654321)
     assert got.dtype == dtype and got.shape == x.shape
     assert torch.equal(got, R.dropout(x, 0.3, 987654321))
 
@@ -27,13 +27,13 @@ def test_kernel_matches_oracle_bitwise(numel, dtype):
 @needs_kernel
 def test_non_contiguous_input_reads_logical_order():
     x = torch.randn(33, 17).t()                       # non-contiguous
-    assert torch.equal(D.philox_dropout(x, 0.2, 5), D.philox_dropout(x.contiguous(), 0.2, 5))
+    assert torch.equal(dropout.counter_dropout(x, 0.2, 5), dropout.counter_dropout(x.contiguous(), 0.2, 5))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_keep_rate_and_scale(p):
     n = 1 << 20
-    y = D.philox_dropout(torch.ones(n), p, 42)
+    y = dropout.counter_dropout(torch.ones(n), p, 42)
     kept = (y != 0).double().mean().item()
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(kept - (1 - p)) < 5 * sigma
@@ -42,7 +42,7 @@ def test_keep_rate_and_scale(p):
 
 def test_seeds_give_independent_masks_and_repeat():
     x = torch.ones(1 << 16)
-    a, b, a2 = (D.philox_dropout(x, 0.5, s) for s in (1, 2, 1))
+    a, b, a2 = (dropout.counter_dropout(x, 0.5, s) for s in (1, 2, 1))
     assert torch.equal(a, a2)
     agree = ((a != 0) == (b != 0)).double().mean().item()
     assert abs(agree - 0.5) < 0.01                   # independent streams agree half the time
@@ -54,37 +54,37 @@ def test_seeds_give_independent_masks_and_repeat():
 @needs_kernel
 def test_gradients_and_opcheck():
     x = torch.randn(5, 13, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda t: D.philox_dropout(t, 0.25, 77), (x,))
-    y = D.philox_dropout(x, 0.25, 77)
+    torch.autograd.gradcheck(lambda t: dropout.counter_dropout(t, 0.25, 77), (x,))
+    y = dropout.counter_dropout(x, 0.25, 77)
     (g,) = torch.autograd.grad(y.sum(), x)
     assert torch.equal(g, (y != 0).double() / 0.75)  # d/dx = keep / (1 - p)
-    torch.library.opcheck(torch.ops.lafs_fast.philox_dropout.default,
+    torch.library.opcheck(torch.ops.lafs_fast.counter_dropout.default,
                           (torch.randn(3, 9, requires_grad=True), 0.1, 3))
 
 
 def test_reference_path_gradients():
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda t: D._ReferenceDropout.apply(t, 0.4, 9), (x,))
+    torch.autograd.gradcheck(lambda t: dropout._ReferenceDropout.apply(t, 0.4, 9), (x,))
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
 def test_bad_p_is_a_clear_error(p):
     with pytest.raises(ValueError, match="p must be in"):
-        D.philox_dropout(torch.ones(3), p, 0)
+        dropout.counter_dropout(torch.ones(3), p, 0)
     with pytest.raises(ValueError, match="p must be in"):
-        D.PhiloxDropout(p)
+        dropout.CounterDropout(p)
 
 
 def test_integer_input_is_a_clear_error():
     with pytest.raises(ValueError, match="floating point"):
-        D.philox_dropout(torch.ones(3, dtype=torch.int64), 0.1, 0)
+        dropout.counter_dropout(torch.ones(3, dtype=torch.int64), 0.1, 0)
 
 
 def test_module_swap_train_eval_and_seeding():
     torch.manual_seed(0)
     model = create_model("part_fvit_tiny", landmarks="grid")
     n_before = sum(type(m) is nn.Dropout for m in model.modules())
-    assert n_before > 0 and D.use_philox_dropout(model) == n_before
+    assert n_before > 0 and dropout.use_counter_dropout(model) == n_before
     assert not any(type(m) is nn.Dropout for m in model.modules())
     x = torch.rand(2, 3, 112, 112) * 2 - 1
     model.eval()
@@ -100,6 +100,17 @@ def test_module_swap_train_eval_and_seeding():
 
 def test_dropped_non_finite_values_follow_torch():
     # y = x * factor, as torch's dropout: a dropped inf becomes NaN, a kept one stays inf.
-    y = D.philox_dropout(torch.full((256,), float("inf")), 0.5, 11)
+    y = dropout.counter_dropout(torch.full((256,), float("inf")), 0.5, 11)
     keep = R.dropout_keep_mask(256, 0.5, 11)
     assert torch.isnan(y[~keep]).all() and torch.isinf(y[keep]).all()
+
+
+def test_old_module_and_names_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+    sys.modules.pop("lafs_fast.dropout", None)
+    with pytest.warns(DeprecationWarning, match="from lafs_fast.ops import counter_dropout"):
+        old = importlib.import_module("lafs_fast.dropout")
+    assert old.philox_dropout is dropout.counter_dropout
+    assert old.PhiloxDropout is dropout.CounterDropout
+    assert old.use_philox_dropout is dropout.use_counter_dropout

@@ -282,7 +282,7 @@ def test_opcheck(backend):
 
 def test_opcheck_triton():
     needs("triton")
-    import lafs_fast.kernels.landmark_patch_embed  # noqa: F401  (registers the triton op)
+    ops.patch_embed.register_triton_ops()
     images, lm, weight, bias = make_case(1, 2, 7, 8, 3, 4, 5, device=device_of("triton"))
     torch.library.opcheck(torch.ops.lafs_fast.landmark_patch_embed_triton.default, (images, lm, weight, bias, None, 4, 0.0, 0),
                           test_utils=("test_schema", "test_faketensor"))

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from lafs_fast import config as C
-from lafs_fast import dropout as D
 from lafs_fast import ops, views
 from lafs_fast.models.landmark_cnn import LandmarkCNN
+from lafs_fast.ops import CounterDropout
 from lafs_fast.train import pretrain
 
 
@@ -34,9 +34,9 @@ def test_landmark_source_calls_the_cnn_once_per_view_or_per_face(source):
 
 def test_fast_dropout_switch_swaps_modules():
     on, off = make(fast_dropout=True), make(fast_dropout=False)
-    assert any(isinstance(m, D.PhiloxDropout) for m in on.student.modules())
-    assert any(isinstance(m, D.PhiloxDropout) for m in on.teacher.modules())
-    assert not any(isinstance(m, D.PhiloxDropout) for m in off.modules())
+    assert any(isinstance(m, CounterDropout) for m in on.student.modules())
+    assert any(isinstance(m, CounterDropout) for m in on.teacher.modules())
+    assert not any(isinstance(m, CounterDropout) for m in off.modules())
 
 
 # ----------------------------------------------------------------------------- the LAFS step's wiring

@@ -37,12 +37,13 @@ def test_extension_built_for_another_torch_refuses_to_load(monkeypatch):
     """docs/ops.md: "A binary built against another torch refuses to import, saying what to rebuild"."""
     documented("docs/ops.md", "A binary built against another torch refuses to import, saying what to rebuild.")
     from lafs_fast import _build_info
+    from lafs_fast.ops._common import _load_extension as load_extension
     monkeypatch.setitem(_build_info.BUILD_INFO, "torch_version", "1.0.0+other")
     with pytest.raises(ImportError, match=r"built against torch 1\.0\.0\+other but torch .* is installed: "
                                           r"rebuild it with `pip install --no-build-isolation \.`"):
-        ops._load_extension()
+        load_extension()
     monkeypatch.setitem(_build_info.BUILD_INFO, "torch_version", torch.__version__)
-    assert ops._load_extension()[0] == ops.HAS_EXTENSION   # the real build info loads as before
+    assert load_extension()[0] == ops.HAS_EXTENSION   # the real build info loads as before
 
 
 # ----------------------------------------------------------------------------- LAFS_FAST_BACKEND
@@ -89,7 +90,7 @@ import warnings
 warnings.filterwarnings("error", message="lafs_fast: using the slow")   # asked for: no fallback warning
 import torch
 from lafs_fast import ops, views
-from lafs_fast.dropout import PhiloxDropout, philox_dropout
+from lafs_fast.ops import counter_dropout, photometric
 assert not ops.HAS_EXTENSION and "blocked by the test" in ops.EXTENSION_STATUS, ops.EXTENSION_STATUS
 assert not hasattr(torch.ops.lafs_fast, "landmark_patch_embed")
 inp = torch.load(sys.argv[1])
@@ -102,8 +103,8 @@ out["patches"] = ops.landmark_patches(*inp["embed"][:2], patch_size=4, perturb_s
 g, lg, l, ll, sw, sb, tw, tb = inp["multicrop"]
 out["multicrop"] = ops.multicrop_embed(g, lg, l, ll, sw, sb, tw, tb, local_index=inp["local_index"],
                                        patch_size=4, perturb_std=1.0, seed=5)
-out["dropout"] = philox_dropout(inp["x"], 0.3, 7)
-out["photometric"] = views.apply_photometric(inp["views"], inp["params"], views.ViewConfig(size=8))
+out["dropout"] = counter_dropout(inp["x"], 0.3, 7)
+out["photometric"] = photometric.apply_photometric(inp["views"], inp["params"], views.ViewConfig(size=8))
 torch.save(out, sys.argv[2])
 """
 
@@ -115,7 +116,7 @@ def test_reference_ops_without_the_extension(tmp_path):
     documented("docs/ops.md", "| `reference` | plain PyTorch (`lafs_fast/reference.py`): the oracle and the fallback |")
     documented("docs/ops.md", "unless the reference ops are asked for by name (`LAFS_FAST_BACKEND=reference`")
     from lafs_fast import views
-    from lafs_fast.dropout import philox_dropout
+    from lafs_fast.ops import counter_dropout, photometric
     assert ops.HAS_EXTENSION, "this comparison needs the compiled ops in the parent"
     g = torch.Generator().manual_seed(1)
     f32 = [t.float() for t in case()]
@@ -127,7 +128,7 @@ def test_reference_ops_without_the_extension(tmp_path):
            "multicrop": [gi, glm, li, llm, sw, sb, torch.randn(7, 48, generator=g), torch.randn(7, generator=g)],
            "local_index": torch.randint(0, 5, (4, 3), generator=g), "x": torch.randn(5, 40, generator=g),
            "views": x_views,
-           "params": views.draw_photometric_params(6, torch.full((6,), 0.5), torch.full((6,), 0.5), vcfg, g, "cpu")}
+           "params": photometric.draw_photometric_params(6, torch.full((6,), 0.5), torch.full((6,), 0.5), vcfg, g, "cpu")}
     torch.save(inp, tmp_path / "in.pt")
     env = {**os.environ, "LAFS_FAST_BACKEND": "reference"}
     child = subprocess.run([sys.executable, "-c", NO_EXTENSION_CHILD, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
@@ -149,8 +150,8 @@ def test_reference_ops_without_the_extension(tmp_path):
                                seed=5, backend="cpu")
     for a, b in zip(got["multicrop"], want):
         torch.testing.assert_close(a, b, **tol)
-    assert torch.equal(got["dropout"], philox_dropout(inp["x"], 0.3, 7))   # bitwise: same mask function
-    torch.testing.assert_close(got["photometric"], views.apply_photometric(x_views, inp["params"], vcfg, backend="cpu"),
+    assert torch.equal(got["dropout"], counter_dropout(inp["x"], 0.3, 7))   # bitwise: same mask function
+    torch.testing.assert_close(got["photometric"], photometric.apply_photometric(x_views, inp["params"], vcfg, backend="cpu"),
                                rtol=1e-5, atol=1e-5)
 
 

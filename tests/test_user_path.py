@@ -88,7 +88,7 @@ def test_reference_ops_run_when_asked_for_by_name(tmp_path, how):
 
 
 def test_require_compiled_rules(monkeypatch):
-    monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+    monkeypatch.setattr(ops._common, "HAS_EXTENSION", False)
     monkeypatch.delenv("LAFS_FAST_BACKEND", raising=False)
     with pytest.raises(ops.BackendUnavailable, match="compiled kernels are unavailable"):
         ops.require_compiled()
@@ -97,7 +97,7 @@ def test_require_compiled_rules(monkeypatch):
     ops.require_compiled("reference")
     monkeypatch.setenv("LAFS_FAST_BACKEND", "reference")
     ops.require_compiled()
-    monkeypatch.setattr(ops, "HAS_EXTENSION", True)
+    monkeypatch.setattr(ops._common, "HAS_EXTENSION", True)
     monkeypatch.delenv("LAFS_FAST_BACKEND")
     ops.require_compiled()
 

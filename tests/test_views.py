@@ -1,16 +1,15 @@
 """lafs_fast.views: batched LAFS views (geometry, photometric ops, landmark index, grid)."""
 import dataclasses
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from lafs_fast.views import (BRIGHTNESS, CONTRAST, HUE, SATURATION, ViewConfig, adjust_hue,
-                             color_jitter, crop_resize, gaussian_blur, 
-                             landmark_view_index, make_lafs_views, normalize_uint8,
-                             sample_crop_boxes)
+from lafs_fast.ops.photometric import (BRIGHTNESS, CONTRAST, HUE, SATURATION, adjust_hue,
+                                       color_jitter, gaussian_blur)
+from lafs_fast.views import (ViewConfig, crop_resize, landmark_view_index, make_lafs_views,
+                             normalize_uint8, sample_crop_boxes)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # tiny views: 32x32 faces, 16x16 crops, 2 global + 3 local
@@ -326,3 +325,14 @@ def test_landmarks_to_views_follows_crop_resize():
     ident = landmarks_to_views(lms, torch.tensor([[0.0, 0.0, W, H]] * B, dtype=torch.float64),
                                torch.zeros(B, dtype=torch.bool), W)
     torch.testing.assert_close(ident[..., 0], lms[..., 0], rtol=0, atol=1e-12)
+
+
+def test_photometric_names_moved_out_still_resolve_with_a_deprecation_warning():
+    from lafs_fast import views
+    from lafs_fast.ops import photometric
+    for name in ("apply_photometric", "apply_photometric_reference", "draw_photometric_params",
+                 "photometric_augment", "color_jitter", "adjust_hue", "gaussian_blur", "HUE"):
+        with pytest.warns(DeprecationWarning, match=f"lafs_fast.ops.photometric.{name}"):
+            assert getattr(views, name) is getattr(photometric, name)
+    with pytest.raises(AttributeError):
+        views.no_such_name

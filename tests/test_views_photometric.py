@@ -1,5 +1,5 @@
 """The fused C++ photometric kernel (torch.ops.lafs_fast.photometric_augment) against the tensor
-reference views.apply_photometric_reference, and the parameter draw / apply split.
+reference photometric.apply_photometric_reference, and the parameter draw / apply split.
 
 Tolerances. The kernel evaluates every value with the reference's own operations, in the same
 order and dtype (no FMA contraction, no fast-math): brightness, saturation, hue, grayscale and
@@ -27,11 +27,12 @@ import itertools
 import pytest
 import torch
 
-from lafs_fast import views
-from lafs_fast.views import (ViewConfig, apply_photometric, apply_photometric_reference,
-                             draw_photometric_params, make_lafs_views, photometric_augment)
+from lafs_fast.ops import has_kernel, photometric
+from lafs_fast.ops.photometric import (apply_photometric, apply_photometric_reference,
+                                       draw_photometric_params, photometric_augment)
+from lafs_fast.views import ViewConfig, make_lafs_views
 
-HAS_OP = views._has_photometric_kernel()
+HAS_OP = has_kernel("photometric_augment", "CPU")
 needs_op = pytest.mark.skipif(not HAS_OP, reason="lafs_fast._C without the photometric kernel")
 CFG = ViewConfig()
 THR = CFG.solarize_threshold
@@ -128,8 +129,8 @@ def test_auto_backend_uses_kernel_and_env_forces_reference(monkeypatch):
     x = images(8, 9, 9)
     p = params(8, seed=1, jitter=True)
     calls = []
-    real = views.apply_photometric_reference
-    monkeypatch.setattr(views, "apply_photometric_reference",
+    real = photometric.apply_photometric_reference
+    monkeypatch.setattr(photometric, "apply_photometric_reference",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     auto = apply_photometric(x, p, CFG)
     assert not calls                                       # CPU float32: the kernel
@@ -280,7 +281,7 @@ def test_hue_zero_exactly_skips_hue():
     assert torch.equal(out, ref)
     y = (x + 1) * 0.5
     assert torch.equal(out, y * 2 - 1)          # every linear op is an exact identity here
-    hsv = views.adjust_hue(y, torch.full((N,), 1e-30))   # a "zero" shift through HSV changes bits
+    hsv = photometric.adjust_hue(y, torch.full((N,), 1e-30))   # a "zero" shift through HSV changes bits
     assert not torch.equal(hsv, y)
 
 

@@ -1,5 +1,5 @@
 // Internal invariants of the C++ kernels (memory safety when torch.ops.lafs_fast.* is called
-// directly). The user-facing argument errors live in one place: lafs_fast/ops.py.
+// directly). The user-facing argument errors live in lafs_fast/ops/, one module per op family.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

@@ -1,5 +1,5 @@
 // Which instruction-set path the multiversioned CPU kernels take (common/multiversion.h), and
-// the ops that report and force it:
+// the kernels of the ops that report and force it (schemas in lafs_ops.cpp):
 //   lafs_fast::cpu_isa() -> str                 the path in use ("avx512", "avx2", "baseline")
 //   lafs_fast::cpu_isa_supported() -> str[]     every path this CPU can run, best first
 //   lafs_fast::set_cpu_isa(str isa) -> str      use `isa` from now on; returns the previous path
@@ -98,8 +98,10 @@ CpuIsa active_cpu_isa() {
 
 }  // namespace lafs_fast
 
-TORCH_LIBRARY_FRAGMENT(lafs_fast, m) {
-  m.def("cpu_isa() -> str", &lafs_fast::cpu_isa_op);
-  m.def("cpu_isa_supported() -> str[]", &lafs_fast::cpu_isa_supported_op);
-  m.def("set_cpu_isa(str isa) -> str", &lafs_fast::set_cpu_isa_op);
+// No tensor arguments, so no backend key to dispatch on: one kernel for every backend (the
+// dispatcher sends tensor-less calls to the CompositeImplicitAutograd kernel).
+TORCH_LIBRARY_IMPL(lafs_fast, CompositeImplicitAutograd, m) {
+  m.impl("cpu_isa", &lafs_fast::cpu_isa_op);
+  m.impl("cpu_isa_supported", &lafs_fast::cpu_isa_supported_op);
+  m.impl("set_cpu_isa", &lafs_fast::set_cpu_isa_op);
 }

@@ -1,5 +1,5 @@
 // CPU kernel of lafs_fast::photometric_augment (schema: lafs_ops.cpp; semantics, and the oracle of
-// the tests: lafs_fast/views.py::apply_photometric_reference).
+// the tests: lafs_fast/ops/photometric.py::apply_photometric_reference).
 //
 // The reference runs ~60 full-tensor elementwise passes over all N views. Here one thread takes a
 // whole sample (3 x H x W; 147 KiB for 112 x 112 float32, so it stays in L2) and applies its
@@ -40,9 +40,9 @@ namespace {
 
 // Pixels per block of the per-pixel passes: 3 channels x 256 x 8 bytes = 6 KiB at most (L1).
 constexpr int64_t kBlock = 256;
-// Op codes of views.py (BRIGHTNESS, CONTRAST, SATURATION, HUE).
+// Op codes of ops/photometric.py (BRIGHTNESS, CONTRAST, SATURATION, HUE).
 constexpr int64_t kBrightness = 0, kContrast = 1, kSaturation = 2, kHue = 3;
-constexpr double kGrayWeights[3] = {0.2989, 0.587, 0.114};  // views.GRAY_WEIGHTS
+constexpr double kGrayWeights[3] = {0.2989, 0.587, 0.114};  // photometric.GRAY_WEIGHTS
 
 // LAFS_INLINE, LAFS_ISA_WRAPPERS: common/multiversion.h (AVX-512, AVX2 and baseline paths).
 
@@ -129,7 +129,7 @@ LAFS_INLINE T hsv_channel(T v, T vs, T h6, T n) {
 
 template <typename T>
 LAFS_INLINE void hue_shift(T* __restrict r, T* __restrict g, T* __restrict b, int64_t n, T hue) {
-  // views.adjust_hue: RGB -> HSV, h = (h + hue) mod 1, HSV -> RGB by the closed form
+  // photometric.adjust_hue: RGB -> HSV, h = (h + hue) mod 1, HSV -> RGB by the closed form
   // c_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6; clamped by the next stage.
   for (int64_t i = 0; i < n; ++i) {
     const T vr = r[i], vg = g[i], vb = b[i];
@@ -423,7 +423,7 @@ void photometric_impl(const at::Tensor& x, at::Tensor& out, const at::Tensor& fa
           pixel_pass(isa, s, false, ci, s.n_ops, offset, true, nullptr);
         }
         if (s.blur) {
-          // views.gaussian_blur: exp(-0.5 (d / sigma)^2) over d = -r..r, normalised
+          // photometric.gaussian_blur: exp(-0.5 (d / sigma)^2) over d = -r..r, normalised
           const T sig = std::max(sp[n], static_cast<T>(1e-6));
           T ksum = 0;
           for (int64_t t = 0; t < taps; ++t) {

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import config as C
 from .. import ssl
 from ..convert import save_model
-from ..dropout import use_philox_dropout
+from ..ops.dropout import use_counter_dropout as use_philox_dropout  # its former name
 from ..models import create_model
 from ..models import partial_fc
 from ..models.heads import ArcFace, CosFace

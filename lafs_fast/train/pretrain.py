@@ -27,7 +27,7 @@ from torch import nn
 from .. import config as C
 from .. import ops, ssl, views
 from ..convert import save_model
-from ..dropout import use_philox_dropout
+from ..ops.dropout import use_counter_dropout as use_philox_dropout  # its former name
 from ..models import create_model
 from ..models.registry import model_config
 from ..models.heads import DINOHead

@@ -9,7 +9,6 @@
 //   keep iff h >= round(p * 2^32);  y = x * (keep ? 1 / (1 - p) : 0)
 // A hash, not Philox: dropout needs independent-looking bits, not a stream with proven
 // period; Philox's ten 64-bit-product rounds per 4 words cost 5x more here (measured).
-// (The op keeps the name philox_dropout from its first version.)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -72,9 +71,9 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint64_t seed, ui
   });
 }
 
-at::Tensor philox_dropout_cpu(const at::Tensor& input, double p, int64_t seed) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "lafs_fast.philox_dropout: p must be in [0, 1), got ", p);
-  TORCH_CHECK(input.is_floating_point(), "lafs_fast.philox_dropout: input must be floating point, got ",
+at::Tensor counter_dropout_cpu(const at::Tensor& input, double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "lafs_fast.counter_dropout: p must be in [0, 1), got ", p);
+  TORCH_CHECK(input.is_floating_point(), "lafs_fast.counter_dropout: input must be floating point, got ",
               input.scalar_type());
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -83,7 +82,7 @@ at::Tensor philox_dropout_cpu(const at::Tensor& input, double p, int64_t seed) {
   // round(p * 2^32); p < 1 keeps it below 2^32 except within 2^-33 of 1.
   const double t = std::nearbyint(p * 4294967296.0);
   const uint32_t threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "philox_dropout_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "counter_dropout_cpu", [&] {
     dropout_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), n,
                              static_cast<uint64_t>(seed), threshold, p);
   });
@@ -92,6 +91,6 @@ at::Tensor philox_dropout_cpu(const at::Tensor& input, double p, int64_t seed) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lafs_fast, CPU, m) { m.impl("philox_dropout", &philox_dropout_cpu); }
+TORCH_LIBRARY_IMPL(lafs_fast, CPU, m) { m.impl("counter_dropout", &counter_dropout_cpu); }
 
 }  // namespace lafs_fast

@@ -1,4 +1,5 @@
-"""Public API of the lafs_fast ops: argument checks, backend choice, autograd and fake kernels.
+"""The landmark patch ops: landmark_patch_embed, landmark_patches and multicrop_embed (argument
+checks, backend choice, fake kernels, autograd, and the registration of the Triton ops).
 
 Backends (``backend=`` or the environment variable LAFS_FAST_BACKEND when ``backend="auto"``):
   reference  plain PyTorch (lafs_fast.reference): the oracle, and the fallback without _C
@@ -10,65 +11,16 @@ Backends (``backend=`` or the environment variable LAFS_FAST_BACKEND when ``back
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
+from .. import reference
+from ._common import EXTENSION_STATUS, HAS_EXTENSION, env_backend, has_kernel
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _load_extension():
-    """Import lafs_fast._C; return (loaded, reason). A binary built for another torch refuses."""
-    try:
-        from ._build_info import BUILD_INFO
-    except ImportError:
-        return False, "lafs_fast._C is not built (pip install --no-build-isolation .)"
-    if BUILD_INFO["torch_version"] != torch.__version__:
-        raise ImportError(
-            f"lafs_fast._C was built against torch {BUILD_INFO['torch_version']} but torch "
-            f"{torch.__version__} is installed: rebuild it with `pip install --no-build-isolation .` "
-            "(or `-e .`) in this environment.")
-    try:
-        from . import _C  # noqa: F401  (registers torch.ops.lafs_fast.*)
-    except ImportError as e:
-        return False, f"lafs_fast._C failed to import: {e}"
-    return True, "built" + (" with CUDA" if BUILD_INFO["with_cuda"] else " without CUDA")
-
-
-HAS_EXTENSION, EXTENSION_STATUS = _load_extension()
-
-
-class BackendUnavailable(RuntimeError):
-    """The compiled kernels are missing and the user did not ask for the reference ops."""
-
-
-def require_compiled(backend: Optional[str] = None) -> None:
-    """Training stops here rather than quietly running the slow reference ops without `_C`.
-
-    Passes when `_C` is loaded, or when the user asked for the reference ops by name: `backend`
-    (a command's --backend) or LAFS_FAST_BACKEND=reference."""
-    asked = backend if backend not in (None, "", "auto") else os.environ.get("LAFS_FAST_BACKEND", "")
-    if HAS_EXTENSION or asked == "reference":
-        return
-    raise BackendUnavailable(
-        f"the compiled kernels are unavailable ({EXTENSION_STATUS}). Build them in this environment "
-        "with `pip install --no-build-isolation -e .` and check with `python -m lafs_fast.info`, or "
-        "run the slow reference ops on purpose with LAFS_FAST_BACKEND=reference.")
-
-
-# A constant once _C is loaded: torch.compile(fullgraph=True) must not trace into the pybind call.
-@torch.compiler.assume_constant_result
-def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether torch.ops.lafs_fast.<op> has a kernel for a dispatch key ("CPU", "CUDA")."""
-    if not HAS_EXTENSION:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lafs_fast::{op}", dispatch_key)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -149,12 +101,7 @@ def resolve_seed(seed: Optional[int], perturb_std: float) -> int:
 
 
 def resolve_backend(backend: str, device: torch.device, needs_image_grad: Optional[bool] = None) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("LAFS_FAST_BACKEND", "auto") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"LAFS_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    backend = env_backend(backend)
     if backend == "auto" and device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
         # The CUDA and Triton kernels sum the IMAGE gradient with atomics (run-to-run rounding
         # differences); their forward, landmark, weight and bias gradients are deterministic.
@@ -222,9 +169,9 @@ def _embed(backend, images, landmarks, weight, bias, index, patch_size, perturb_
         return reference.landmark_patch_embed(images, landmarks, weight, bias, index, patch_size,
                                               perturb_std, seed)
     if backend == "triton":
-        from .kernels import landmark_patch_embed as tk
-        return tk.landmark_patch_embed_triton(images, landmarks, weight, bias, index, patch_size,
-                                              perturb_std, seed)
+        register_triton_ops()
+        return torch.ops.lafs_fast.landmark_patch_embed_triton(
+            images, landmarks, weight, bias, index, int(patch_size), float(perturb_std), int(seed))
     return torch.ops.lafs_fast.landmark_patch_embed(images, landmarks, weight, bias, index,
                                                     patch_size, perturb_std, seed)
 
@@ -239,8 +186,9 @@ def landmark_patches(images: Tensor, landmarks: Tensor, *, patch_size: int = 8,
     if backend == "reference":
         return reference.landmark_patches(images, landmarks, index, patch_size, float(perturb_std), seed)
     if backend == "triton":
-        from .kernels import landmark_patch_embed as tk
-        return tk.landmark_patches_triton(images, landmarks, index, patch_size, float(perturb_std), seed)
+        register_triton_ops()
+        return torch.ops.lafs_fast.landmark_patches_triton(images, landmarks, index, int(patch_size),
+                                                           float(perturb_std), int(seed))
     return torch.ops.lafs_fast.landmark_patches(images, landmarks, index, patch_size,
                                                 float(perturb_std), seed)
 
@@ -261,8 +209,9 @@ def multicrop_embed(global_images: Tensor, global_landmarks: Tensor, local_image
     shuffled subset (check_index=False: the caller drew local_index itself, as the pretrainer
     does, so its values are not checked on CUDA, sparing a host sync per step). Returns
     (student_global (G*B, N, Ds), student_local (L*B, K, Ds), teacher_global (G*B, N, Dt)).
-    Each global patch is sampled once and multiplied by the student and teacher weights in the same GEMM (teacher_student_embed); the teacher tokens carry
-    no gradient, and the backward computes the student's gradients only. Perturbation noise is
+    Each global patch is sampled once and multiplied by the student and teacher weights in the
+    same GEMM (teacher_student_embed); the teacher tokens carry no gradient, and the backward
+    computes the student's gradients only. Perturbation noise is
     keyed by (seed, row, slot) for the global views and by (seed ^ 2**62, row, slot) for the local.
     """
     check_patch_inputs(global_images, global_landmarks, None, patch_size, perturb_std)
@@ -345,8 +294,8 @@ teacher_student_embed.register_autograd(_ts_backward, setup_context=_ts_setup_co
 
 
 # ----------------------------------------------------------------------------- autograd + fake
-# Shared by every backend that registers an op pair with these schemas (C++ here, Triton in
-# lafs_fast.kernels): a forward op and a backward op taking (grad, inputs..., output_mask).
+# Shared by every backend that registers an op pair with these schemas (the C++ ops and the Triton
+# ops): a forward op and a backward op taking (grad, inputs..., output_mask).
 def embed_autograd(backward_op: str):
     """(setup_context, backward) for a landmark_patch_embed-style op whose backward is `backward_op`."""
     def setup_context(ctx, inputs, output):
@@ -413,12 +362,52 @@ def patches_backward_fake(grad_patches, images, landmarks, index, patch_size, pe
     return _grad_like(images, output_mask[0]), _grad_like(landmarks, output_mask[1])
 
 
-if HAS_EXTENSION:
+def _register_compiled_ops() -> None:
+    """Fake kernels and autograd of the C++/CUDA ops (schemas in csrc/lafs_ops.cpp)."""
     torch.library.register_fake("lafs_fast::landmark_patch_embed")(embed_fake)
     torch.library.register_fake("lafs_fast::landmark_patch_embed_backward")(embed_backward_fake)
     torch.library.register_fake("lafs_fast::landmark_patches")(patches_fake)
     torch.library.register_fake("lafs_fast::landmark_patches_backward")(patches_backward_fake)
-    _setup, _backward = embed_autograd("landmark_patch_embed_backward")
-    torch.library.register_autograd("lafs_fast::landmark_patch_embed", _backward, setup_context=_setup)
-    _setup, _backward = patches_autograd("landmark_patches_backward")
-    torch.library.register_autograd("lafs_fast::landmark_patches", _backward, setup_context=_setup)
+    setup, backward = embed_autograd("landmark_patch_embed_backward")
+    torch.library.register_autograd("lafs_fast::landmark_patch_embed", backward, setup_context=setup)
+    setup, backward = patches_autograd("landmark_patches_backward")
+    torch.library.register_autograd("lafs_fast::landmark_patches", backward, setup_context=setup)
+
+
+if HAS_EXTENSION:
+    _register_compiled_ops()
+
+
+# ----------------------------------------------------------------------------- Triton ops
+# The Triton ops are defined from Python (Triton is optional, so they have no schema in
+# csrc/lafs_ops.cpp), with the C++ ops' schemas under a _triton suffix and the same fake kernels
+# and autograd. Registered on the first Triton call, so that importing lafs_fast never imports
+# Triton. assume_constant_result: torch.compile runs the registration while tracing instead of
+# tracing into it.
+@torch.compiler.assume_constant_result
+def register_triton_ops() -> bool:
+    """Register torch.ops.lafs_fast.landmark_patch_embed_triton / landmark_patches_triton and their
+    backward ops once per process; returns True."""
+    if hasattr(torch.ops.lafs_fast, "landmark_patch_embed_triton"):
+        return True
+    from ..kernels import landmark_patch_embed as tk
+
+    def define(name, fn, fake):
+        # Under TRITON_INTERPRET=1 a plain custom_op with an explicit fake kernel: a triton_op's
+        # function doubles as its fake kernel and as the graph torch.compile inlines, and an
+        # interpreted kernel cannot run on fake tensors.
+        if tk.INTERPRET:
+            op = torch.library.custom_op(name, fn, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, fn, mutates_args=())
+
+    setup, backward = embed_autograd("landmark_patch_embed_triton_backward")
+    define("lafs_fast::landmark_patch_embed_triton", tk.embed_forward, embed_fake
+           ).register_autograd(backward, setup_context=setup)
+    define("lafs_fast::landmark_patch_embed_triton_backward", tk.embed_backward, embed_backward_fake)
+    setup, backward = patches_autograd("landmark_patches_triton_backward")
+    define("lafs_fast::landmark_patches_triton", tk.patches_forward, patches_fake
+           ).register_autograd(backward, setup_context=setup)
+    define("lafs_fast::landmark_patches_triton_backward", tk.patches_backward, patches_backward_fake)
+    return True

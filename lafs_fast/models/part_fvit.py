@@ -27,7 +27,9 @@ def grid_landmarks(num_landmarks: int, image_size: int) -> Tensor:
     landmark is placed at (i + 0.5) * S / G + 0.5: with S / G == P (14 x 14 grid, P = 8, S = 112)
     the taps land exactly on pixel centres i*P .. i*P + P - 1 and the patches tile the image.
     (The release's ``use_standcoord`` used 8i + 4, i.e. half a pixel off, blending neighbours.)
-    Order: x-major (token a*G + b has x from a, y from b), as the release's meshgrid.
+    Order: x-major (token a*G + b has x from a, y from b), the landmark path's layout. The release's
+    grid path transposes its patch mosaic after sampling (ViT_face.py:748), ending y-major: these
+    tokens are the release's grid tokens of the transposed image (docs/release.md, note 2).
     """
     g = int(round(math.sqrt(num_landmarks)))
     if g * g != num_landmarks:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config as C
-from .. import ssl
+from ..dino import cosine_schedule
 from ..convert import save_model
 from ..dropout import use_philox_dropout
 from ..models import create_model
@@ -394,7 +394,7 @@ def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
         raise ValueError(f"--accum-steps {accum} exceeds the {len(data)} batches of an epoch")
     steps_per_epoch = len(data) // accum
     total = cfg.epochs * steps_per_epoch
-    lr_sched = ssl.cosine_schedule(peak_lr(cfg, data.global_batch), cfg.min_lr, cfg.epochs, steps_per_epoch,
+    lr_sched = cosine_schedule(peak_lr(cfg, data.global_batch), cfg.min_lr, cfg.epochs, steps_per_epoch,
                                    warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
     ring = common.CheckpointRing(cfg.out_dir, cfg.keep_checkpoints)
     logger = common.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))

@@ -7,7 +7,7 @@ One step, as data (no Python loop over views):
   -> ops.multicrop_embed (student tokens of every view, teacher tokens of the global views;
      landmark shuffle/subset on the local views, coordinate perturbation on all)
   -> student ViT: global batch + local batch; teacher ViT: global batch (no_grad)
-  -> DINO heads -> ssl.DINOLoss -> backward -> AdamW -> EMA teacher.
+  -> DINO heads -> lafs_fast.dino.DINOLoss -> backward -> AdamW -> EMA teacher.
 
     python -m lafs_fast.train pretrain --help
 """
@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from .. import config as C
-from .. import ops, ssl, views
+from .. import ops, views
+from ..dino import (DINOLoss, cancel_last_layer_grads, check_finite, ema_update_, lr_schedule,
+                    momentum_schedule, teacher_temp_schedule, weight_decay_schedule)
 from ..convert import save_model
 from ..dropout import use_philox_dropout
 from ..models import create_model
@@ -106,7 +108,7 @@ class PretrainConfig(common.RunConfig):
         except ValueError:
             n = 0
         k = self.local_landmarks or max(1, round(n * 36 / 196))
-        temps = ssl.teacher_temp_schedule(self.warmup_teacher_temp, self.teacher_temp,
+        temps = teacher_temp_schedule(self.warmup_teacher_temp, self.teacher_temp,
                                           self.warmup_teacher_temp_epochs, self.epochs)
         return [f"peak lr = lr x batch_size x world size / 256 = {self.lr:g} x {self.batch_size} x W / 256: "
                 f"{self.lr * self.batch_size / 256:.6g} at W=1, {self.lr * self.batch_size * 2 / 256:.6g} at W=2 "
@@ -202,7 +204,7 @@ class LafsPretrainer(nn.Module):
         return [p for m in (self.teacher, self.teacher_head) for p in m.parameters()]
 
 
-def forward_loss(model: nn.Module, dino: "ssl.DINOLoss", v: "views.LafsViews", seed: int,
+def forward_loss(model: nn.Module, dino: "DINOLoss", v: "views.LafsViews", seed: int,
                  generator: torch.Generator, epoch: int, device: torch.device, amp: str,
                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One step's DINO loss (the centre is updated inside). model: the LafsPretrainer, or its DDP
@@ -223,12 +225,12 @@ def update(net: LafsPretrainer, opt: torch.optim.Optimizer, scaler, loss: torch.
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
     gnorm = common.clip_gradients_(student_params, cfg.clip_grad, cfg.clip_mode)
-    ssl.cancel_last_layer_grads(net.student_head, epoch, cfg.freeze_last_layer)
+    cancel_last_layer_grads(net.student_head, epoch, cfg.freeze_last_layer)
     if before_step is not None:
         before_step()
     scaler.step(opt)
     scaler.update()
-    ssl.ema_update_(net.teacher_parameters(), student_params, momentum)
+    ema_update_(net.teacher_parameters(), student_params, momentum)
     return gnorm
 
 
@@ -256,7 +258,7 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
     vcfg = views.ViewConfig(size=net.student.image_size, n_local=cfg.n_local, photometric=cfg.photometric)
     n_views = vcfg.n_global + cfg.n_local
     # The centre is an EMA of the teacher's mean over the global batch (all-reduced in update_center).
-    dino = ssl.DINOLoss(cfg.out_dim, n_global=vcfg.n_global, n_views=n_views, student_temp=cfg.student_temp,
+    dino = DINOLoss(cfg.out_dim, n_global=vcfg.n_global, n_views=n_views, student_temp=cfg.student_temp,
                         teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
                         warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
                         total_epochs=cfg.epochs).to(device)
@@ -265,10 +267,10 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
     steps_per_epoch = len(data)
     total = cfg.epochs * steps_per_epoch
     # The linear lr scaling rule uses the global batch (every rank's images).
-    lr_sched = ssl.lr_schedule(cfg.epochs, steps_per_epoch, data.global_batch, cfg.lr, cfg.min_lr,
+    lr_sched = lr_schedule(cfg.epochs, steps_per_epoch, data.global_batch, cfg.lr, cfg.min_lr,
                                warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
-    wd_sched = ssl.weight_decay_schedule(cfg.epochs, steps_per_epoch, cfg.weight_decay, cfg.weight_decay_end)
-    mom_sched = ssl.momentum_schedule(cfg.epochs, steps_per_epoch, cfg.momentum_teacher)
+    wd_sched = weight_decay_schedule(cfg.epochs, steps_per_epoch, cfg.weight_decay, cfg.weight_decay_end)
+    mom_sched = momentum_schedule(cfg.epochs, steps_per_epoch, cfg.momentum_teacher)
     ring = common.CheckpointRing(cfg.out_dir, cfg.keep_checkpoints)
     logger = common.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
     # Views, the local landmark subsets and the perturbation seed come from this rank's own stream
@@ -306,7 +308,7 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
             seed = int(torch.randint(0, 2**62, (1,), generator=gen))
             loss = forward_loss(ddp_net, dino, v, seed, gen, epoch, device, amp)
             shown = distributed.all_reduce_mean(loss.detach())  # the global batch's loss
-            ssl.check_finite(shown, step=step, checkpoint=ring.latest())
+            check_finite(shown, step=step, checkpoint=ring.latest())
             gnorm = update(net, opt, scaler, loss, epoch, float(mom_sched[step]))
             step += 1
             seen += x.shape[0] * me.world_size

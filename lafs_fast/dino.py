@@ -6,7 +6,7 @@ student's views are [global 0..G-1, local 0..L-1], the teacher's [global 0..G-1]
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Iterable, Optional
 
 import numpy as np
 import torch

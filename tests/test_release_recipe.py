@@ -14,9 +14,10 @@ import yaml
 
 from lafs_fast import config as C
 from lafs_fast import dino
+from lafs_fast.eval.bins import EvalConfig
 from lafs_fast.models import create_model
 from lafs_fast.models.landmark_cnn import LandmarkCNN
-from lafs_fast.train import common, evaluate, finetune, pipeline, pretrain
+from lafs_fast.train import common, finetune, pipeline, pretrain
 from lafs_fast.train.__main__ import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +33,12 @@ def printed(capsys, cls, argv):
 
 # ----------------------------------------------------------------------------- --print-config
 @pytest.mark.parametrize("cls", [pipeline.PipelineConfig, finetune.FinetuneConfig, pretrain.PretrainConfig,
-                                 evaluate.EvalConfig])
+                                 EvalConfig])
 def test_print_config_round_trips_through_config(cls, capsys, tmp_path):
     """Every command: --print-config prints YAML that --config reads back to the same options."""
     flags = {pipeline.PipelineConfig: ["--seed", "7"], finetune.FinetuneConfig: ["--drift-epochs", "3,4,5,6"],
              pretrain.PretrainConfig: ["--lr", "0.002", "--clip-mode", "per_tensor"],
-             evaluate.EvalConfig: ["--bins", "a.bin,b.bin"]}[cls]
+             EvalConfig: ["--bins", "a.bin,b.bin"]}[cls]
     out = printed(capsys, cls, flags + ["--print-config"]).out
     assert "# flag" in out
     loaded = yaml.safe_load(out)

@@ -88,8 +88,8 @@ def test_print_config_shows_every_resolved_option_and_where_it_came_from(tmp_pat
     assert out.splitlines()[0].endswith(f"resolved options (defaults < {base} < {child} < flags)")
     assert f"epochs: 5  # from {child}" in out and f"lr: 0.25  # from {base}" in out
     assert "batch_size: 4  # flag" in out
-    printed = yaml.safe_load(out)
-    assert printed == dataclasses.asdict(config.parse(finetune.FinetuneConfig, ["--config", child, "--batch-size", "4"]))
+    resolved = config.parse(finetune.FinetuneConfig, ["--config", child, "--batch-size", "4"])
+    assert yaml.safe_load(out) == dataclasses.asdict(resolved)
 
 
 def test_the_k_shot_release_configs_differ_from_the_full_one_in_data_and_validation_only():

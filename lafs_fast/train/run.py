@@ -80,22 +80,8 @@ class Run:
         return {k: v for k, v in result.items() if k != "eval"}
 
 
-class Hook:
-    """What the loop calls besides the steps (arcface_torch's callbacks). A hook defines any of
-    these; after_step and after_epoch run before that step's / epoch's metrics line and
-    checkpoint, at_end on rank 0 after Run.finish, and may add to the result."""
-
-    def after_step(self, run: Run, epoch: int) -> None:
-        pass
-
-    def after_epoch(self, run: Run, epoch: int) -> None:
-        pass
-
-    def at_end(self, run: Run, result: dict) -> None:
-        pass
-
-
 def _call(hooks: Sequence, name: str, *args) -> None:
+    """hook.<name>(*args) of every hook that defines it."""
     for hook in hooks:
         method = getattr(hook, name, None)
         if method is not None:
@@ -106,8 +92,13 @@ def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: 
     """Train from run.start_epoch to --epochs. After each optimiser step (each metrics record
     train_one_epoch yields): the hooks, a metrics line every --log-every steps, a checkpoint every
     --save-every steps, the --stop-after check; after each epoch: the hooks and a checkpoint
-    (unless that step was just saved). Returns rank 0's result on every rank, once rank 0's final
-    files exist (a pipeline's next stage reads them), or {"steps", "stopped"} after --stop-after."""
+    (unless that step was just saved); at the end, on rank 0: Run.finish, the hooks, the last
+    metrics line. Returns rank 0's result on every rank, once rank 0's final files exist (a
+    pipeline's next stage reads them), or {"steps", "stopped"} after --stop-after.
+
+    A hook (arcface_torch's callbacks; lafs_fast.eval's Validator and OrlEvaluation) defines any
+    of after_step(run, epoch), after_epoch(run, epoch) -- called before that step's or epoch's
+    metrics line and checkpoint -- and at_end(run, result), which may add to the result."""
     cfg = run.cfg
     bar = progress(cfg.epochs * run.steps_per_epoch, run.step, run.stage, enabled=cfg.progress and run.is_main)
     t_start, last_saved = time.time(), run.step

@@ -23,7 +23,7 @@ import statistics
 import sys
 
 from lafs_fast.train import finetune, pretrain
-from lafs_fast.train.data_setup import raw_pixel_orl
+from lafs_fast.eval.orl import raw_pixel_orl
 
 VARIANTS = {
     "dino_grid": dict(landmarks="grid"),

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lafs_fast import reference, ssl, views
+from lafs_fast import reference, views
+from lafs_fast.dino import DINOLoss, ema_update_
 from lafs_fast.data import to_model_input
 from lafs_fast.data.image_folder import decode_image_bytes, encode_image
 from lafs_fast.models.landmark_cnn import LandmarkCNN, normalize_landmarks
@@ -56,7 +57,7 @@ def make_setup(model="part_fvit_tiny", batch=16, n_local=8, out_dim=4096, head_h
                 m.fused_attn = False
     net = net.to(device)
     vcfg = views.ViewConfig(size=net.student.image_size, n_local=n_local)
-    dino = ssl.DINOLoss(out_dim, n_global=2, n_views=2 + n_local, total_epochs=10).to(device)
+    dino = DINOLoss(out_dim, n_global=2, n_views=2 + n_local, total_epochs=10).to(device)
     params = [p for m in net.student_modules() for p in m.parameters()]
     if original:  # the release's torch.optim.AdamW(groups): torch's defaults (per-tensor loop on CPU)
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -152,7 +153,7 @@ def fused_step(net, v, dino, opt, amp, gen, momentum=0.996, clip=3.0):
     opt.step()
     loss.item()  # pretrain logs the loss every step
     t = [p for m in (net.teacher, net.teacher_head) for p in m.parameters()]
-    ssl.ema_update_(t, s, momentum)
+    ema_update_(t, s, momentum)
     return loss
 
 

@@ -1,7 +1,8 @@
 """One configuration system: a dataclass per command, overridable from YAML and the command line.
 
 Every field becomes a flag (`--batch-size 32`), documented by its `help` metadata; `--config
-FILE.yaml` sets values first, flags win. Unknown flags, unknown YAML keys and values of the wrong
+FILE.yaml` sets values first, flags win; a YAML file may extend another (`base: other.yaml`, a path
+relative to the file: its keys override the base's). Unknown flags, unknown YAML keys and values of the wrong
 type are errors that name the option. `--print-config` prints the resolved options as YAML and
 exits 0 (every command: they all parse here).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Any, Sequence, TypeVar
@@ -69,42 +71,105 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                              "YAML that --config reads back, and exit 0 without running")
 
 
-def from_namespace(cls: type[T], ns: argparse.Namespace, parser: argparse.ArgumentParser,
-                   validate: bool = True) -> T:
+BASE_KEY = "base"
+
+
+class ConfigFileError(ValueError):
+    """A --config file (or a base it names) that cannot be read, parsed or resolved."""
+
+
+@dataclasses.dataclass
+class ConfigFile:
+    """A --config file resolved through its bases. values: option name (underscores) -> value;
+    source: option name -> (the file that set it, the key as written there); files: the chain,
+    the deepest base first."""
+    values: dict
+    source: dict
+    files: list
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """base's keys overridden by override's; mappings in both merge key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        both_mappings = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both_mappings else value
+    return out
+
+
+def _read_mapping(path: str) -> dict:
+    import yaml
+    try:
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except OSError as e:
+        raise ConfigFileError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigFileError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigFileError(f"{path} must hold a mapping of option: value")
+    return loaded
+
+
+def load_config_file(path: str, _chain: tuple = ()) -> ConfigFile:
+    """A --config file's options: its keys over those of the file its `base:` key names (a path
+    relative to the file; a base may have its own), mappings merged key by key; `batch-size` and
+    `batch_size` are one option. A missing base or a cycle of bases is a ConfigFileError."""
+    real = os.path.realpath(path)
+    if real in _chain:
+        cycle = " -> ".join([*_chain[_chain.index(real):], real])
+        raise ConfigFileError(f"the base files of {path} form a cycle: {cycle}")
+    raw = _read_mapping(path)
+    has_base, base = BASE_KEY in raw, raw.pop(BASE_KEY, None)
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    source = {str(k).replace("-", "_"): (path, str(k)) for k in raw}
+    if not has_base:
+        return ConfigFile(values, source, [path])
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigFileError(f"{path}: 'base' must name a YAML file (relative to {path}), got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+        raise ConfigFileError(f"{path}: its base {base!r} does not exist (looked for {base_path}: a base "
+                              "path is relative to the file that names it)")
+    parent = load_config_file(base_path, (*_chain, real))
+    return ConfigFile(_merge(parent.values, values), {**parent.source, **source}, parent.files + [path])
+
+
+def _config_values(cls, path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The options a --config file (through its bases) sets, each through its flag's parser."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = set(fields)
+    try:
+        loaded = load_config_file(path)
+    except ConfigFileError as e:
+        parser.error(f"--config: {e}")
     values: dict[str, Any] = {}
-    path = getattr(ns, "_config", None)
-    if path:
-        import yaml
+    for name, value in loaded.values.items():
+        where, key = loaded.source[name]
+        if name not in fields:
+            parser.error(f"--config: unknown option {key!r} in {where}")
+        # Through the flag's own parser, as text: `epochs: 2.5`, `epochs: true` or an empty
+        # `epochs:` is an error, as `--epochs 2.5` is, not a silent int(2.5), True or None.
+        if isinstance(value, (list, tuple)):
+            text = ",".join(map(str, value))
+        else:
+            text = "" if value is None else str(value)
         try:
-            with open(path) as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except OSError as e:
-            parser.error(f"--config: cannot read {path}: {e.strerror}")
-        except yaml.YAMLError as e:
-            parser.error(f"--config: {path} is not valid YAML: {' '.join(str(e).split())}")
-        if not isinstance(loaded, dict):
-            parser.error(f"--config: {path} must hold a mapping of option: value")
-        for key, value in loaded.items():
-            name = str(key).replace("-", "_")
-            if name not in names:
-                parser.error(f"--config: unknown option {key!r} in {path}")
-            # Through the flag's own parser, as text: `epochs: 2.5`, `epochs: true` or an empty
-            # `epochs:` is an error, as `--epochs 2.5` is, not a silent int(2.5), True or None.
-            if isinstance(value, (list, tuple)):
-                text = ",".join(map(str, value))
-            else:
-                text = "" if value is None else str(value)
-            try:
-                value = _converter(hints[name])(text)
-            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-                parser.error(f"--config: bad value for {key!r}: {e}")
-            choices = fields[name].metadata.get("choices")
-            if choices and value not in choices:
-                parser.error(f"--config: {key!r} must be one of {list(choices)}, got {value!r}")
-            values[name] = value
+            value = _converter(hints[name])(text)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            parser.error(f"--config: bad value for {key!r}: {e}")
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            parser.error(f"--config: {key!r} must be one of {list(choices)}, got {value!r}")
+        values[name] = value
+    return values
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace, parser: argparse.ArgumentParser,
+                   validate: bool = True) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
+    path = getattr(ns, "_config", None)
+    values = _config_values(cls, path, parser) if path else {}
     values.update({k: v for k, v in vars(ns).items() if k in names})
     cfg = cls(**values)
     check = getattr(cfg, "validate", None)
@@ -128,24 +193,27 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = No
 
 
 def _sources(cfg, ns: argparse.Namespace) -> dict[str, str]:
-    """Where each non-default value came from: "flag" or the --config file."""
+    """Where each non-default value came from: "flag" or the --config file that set it."""
     out = {}
     flags = {k for k in vars(ns) if not k.startswith("_")}
+    path = getattr(ns, "_config", None)
+    source = load_config_file(path).source if path else {}
     for f in dataclasses.fields(cfg):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if f.name in flags:
             out[f.name] = "flag"
         elif getattr(cfg, f.name) != default:
-            out[f.name] = "config"
+            out[f.name] = "from " + source.get(f.name, (path, None))[0]
     return out
 
 
 def format_config(cfg, ns: argparse.Namespace | None = None, prog: str = "") -> str:
     """The options as YAML, one `key: value` line each, in the dataclass's order; a comment marks
-    values that differ from the default (set by the --config file or a flag)."""
+    values that differ from the default (set by a --config file, or a base it names, or a flag)."""
     import yaml
     path = getattr(ns, "_config", None) if ns is not None else None
-    lines = [f"# {prog}: resolved options (defaults < {path or 'no --config file'} < flags)"]
+    files = " < ".join(load_config_file(path).files) if path else "no --config file"
+    lines = [f"# {prog}: resolved options (defaults < {files} < flags)"]
     sources = _sources(cfg, ns) if ns is not None else {}
     for key, value in dataclasses.asdict(cfg).items():
         if isinstance(value, (list, tuple, dict)):  # one line: [a, b]
@@ -154,7 +222,7 @@ def format_config(cfg, ns: argparse.Namespace | None = None, prog: str = "") -> 
             line = yaml.safe_dump({key: value}, default_flow_style=False, width=10**6).rstrip("\n")
         src = sources.get(key)
         if src:
-            line += "  # " + ("flag" if src == "flag" else f"from {path}")
+            line += "  # " + src
         lines.append(line)
     derived = getattr(cfg, "derived", None)  # values the options imply, for a reader (comments)
     if derived:

@@ -170,7 +170,7 @@ def fake_orl(held_out_noise):
 
 def test_raw_pixel_orl_on_constructed_faces(monkeypatch):
     from lafs_fast import data as D
-    from lafs_fast.train.data_setup import raw_pixel_orl
+    from lafs_fast.eval.orl import raw_pixel_orl
     monkeypatch.setattr(D, "load_orl", lambda: fake_orl(3.0))   # subjects far apart, pictures close
     r = raw_pixel_orl()
     assert (r["n_genuine"], r["n_impostor"]) == (450, 4500)
@@ -185,7 +185,7 @@ def test_raw_pixel_orl_on_constructed_faces(monkeypatch):
 
 def test_raw_pixel_orl_is_the_readme_floor():
     """The README's raw-pixel row (held-out ORL): 95.52 +- 0.67 %, AUC 0.9269, TAR@1e-3 52.0 %."""
-    from lafs_fast.train.data_setup import raw_pixel_orl
+    from lafs_fast.eval.orl import raw_pixel_orl
     r = raw_pixel_orl()
     assert (r["n_genuine"], r["n_impostor"]) == (450, 4500)
     assert round(100 * r["accuracy"], 2) == 95.52 and round(100 * r["accuracy_std"], 2) == 0.67

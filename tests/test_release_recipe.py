@@ -13,10 +13,11 @@ import torch
 import yaml
 
 from lafs_fast import config as C
-from lafs_fast import ssl
+from lafs_fast import dino
+from lafs_fast.eval.bins import EvalConfig
 from lafs_fast.models import create_model
 from lafs_fast.models.landmark_cnn import LandmarkCNN
-from lafs_fast.train import common, evaluate, finetune, pipeline, pretrain
+from lafs_fast.train import common, finetune, pipeline, pretrain
 from lafs_fast.train.__main__ import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +33,12 @@ def printed(capsys, cls, argv):
 
 # ----------------------------------------------------------------------------- --print-config
 @pytest.mark.parametrize("cls", [pipeline.PipelineConfig, finetune.FinetuneConfig, pretrain.PretrainConfig,
-                                 evaluate.EvalConfig])
+                                 EvalConfig])
 def test_print_config_round_trips_through_config(cls, capsys, tmp_path):
     """Every command: --print-config prints YAML that --config reads back to the same options."""
     flags = {pipeline.PipelineConfig: ["--seed", "7"], finetune.FinetuneConfig: ["--drift-epochs", "3,4,5,6"],
              pretrain.PretrainConfig: ["--lr", "0.002", "--clip-mode", "per_tensor"],
-             evaluate.EvalConfig: ["--bins", "a.bin,b.bin"]}[cls]
+             EvalConfig: ["--bins", "a.bin,b.bin"]}[cls]
     out = printed(capsys, cls, flags + ["--print-config"]).out
     assert "# flag" in out
     loaded = yaml.safe_load(out)
@@ -130,18 +131,18 @@ def test_release_pretrain_model_matches_the_release_size():
 def test_teacher_temperature_ramp_and_short_runs():
     """0.07 -> 0.04 linearly over 30 epochs, then 0.04 (lafs_train.py:637-641); a run shorter than
     the ramp keeps its first epochs (the release's np.ones(41 - 30) would be np.ones(-25): a crash)."""
-    full = ssl.teacher_temp_schedule(0.07, 0.04, 30, 41)
+    full = dino.teacher_temp_schedule(0.07, 0.04, 30, 41)
     np.testing.assert_allclose(full, np.concatenate((np.linspace(0.07, 0.04, 30), np.full(11, 0.04))))
     with pytest.raises(ValueError):
         np.concatenate((np.linspace(0.07, 0.04, 30), np.ones(5 - 30) * 0.04))  # the release's maths
-    short = ssl.teacher_temp_schedule(0.07, 0.04, 30, 5)
+    short = dino.teacher_temp_schedule(0.07, 0.04, 30, 5)
     np.testing.assert_allclose(short, np.linspace(0.07, 0.04, 30)[:5])
 
 
 def test_release_lr_schedule_is_dinos():
     """10 warm-up epochs from 0 to 5e-4 x global batch / 256, cosine to 1e-6 (utils.py:187-198)."""
     spe, batch = 7, 164
-    got = ssl.lr_schedule(41, spe, batch, 5e-4, 1e-6, warmup_epochs=10)
+    got = dino.lr_schedule(41, spe, batch, 5e-4, 1e-6, warmup_epochs=10)
     warm = np.linspace(0, 5e-4 * batch / 256, 10 * spe)
     it = np.arange(41 * spe - 10 * spe)
     cos = 1e-6 + 0.5 * (5e-4 * batch / 256 - 1e-6) * (1 + np.cos(np.pi * it / len(it)))

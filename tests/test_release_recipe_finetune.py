@@ -20,6 +20,7 @@ from lafs_fast.data import SyntheticFaces, synthetic_faces, write_recordio
 from lafs_fast.data.recordio import RecordIODataset
 from lafs_fast.data.release_augment import FACE_RAND_INCREASING, ReleaseAugment, face_rand_augment
 from lafs_fast.eval import write_bin
+from lafs_fast.eval.validator import Validator
 from lafs_fast.train import common, finetune
 from lafs_fast.train.data_setup import TrainData, build_train_data, open_dataset
 
@@ -250,7 +251,7 @@ def test_val_bins_log_accuracy_per_set_and_keep_the_best(tmp_path):
     # best.pt holds the weights of that evaluation: re-evaluating it gives the logged accuracies.
     from lafs_fast.convert import load_model
     os.makedirs(tmp_path / "re")
-    again = finetune.Validator(bins, 112, str(tmp_path / "re"), common.JsonlLogger(None))
+    again = Validator(bins, 112, str(tmp_path / "re"), common.JsonlLogger(None))
     acc = again(load_model(str(out / "best.pt")), best["step"], 0)
     assert math.isclose(acc["setA"], best["acc_setA"]) and math.isclose(acc["setB"], best["acc_setB"])
 
@@ -259,12 +260,12 @@ def test_a_resumed_validator_keeps_the_best_so_far(tmp_path):
     bins = _write_bins(tmp_path)
     torch.manual_seed(0)
     model = finetune.create_model("part_fvit_tiny")
-    first = finetune.Validator(bins, 112, str(tmp_path), common.JsonlLogger(None))
+    first = Validator(bins, 112, str(tmp_path), common.JsonlLogger(None))
     acc = first(model, 10, 0)
     assert os.path.exists(tmp_path / "best.pt") and first.best == acc["mean"]
-    again = finetune.Validator(bins, 112, str(tmp_path), common.JsonlLogger(None), resume=True)
+    again = Validator(bins, 112, str(tmp_path), common.JsonlLogger(None), resume=True)
     assert again.best == acc["mean"]  # a later, not better model will not replace best.pt
-    fresh = finetune.Validator(bins, 112, str(tmp_path), common.JsonlLogger(None))
+    fresh = Validator(bins, 112, str(tmp_path), common.JsonlLogger(None))
     assert fresh.best == -math.inf  # a new run starts its own best
 
 

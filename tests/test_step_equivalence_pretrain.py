@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lafs_fast import ops, reference, ssl, views
+from lafs_fast import ops, reference, views
+from lafs_fast.dino import DINOLoss
 from lafs_fast.models import registry
 from lafs_fast.models.landmark_cnn import normalize_landmarks
 from lafs_fast.train import common, pretrain
@@ -244,7 +245,7 @@ def build(monkeypatch, clip_mode="per_tensor", decay_tokens=True, perturb_std=0.
         clip_grad=3.0, clip_mode=clip_mode, decay_tokens=decay_tokens, weight_init="release", progress=False)
     net = pretrain.LafsPretrainer(cfg)
     net.landmark_cnn = StubLandmarkCNN().eval()
-    dino = ssl.DINOLoss(OUT, n_global=G, n_views=G + L, student_temp=0.1, teacher_temp=0.04,
+    dino = DINOLoss(OUT, n_global=G, n_views=G + L, student_temp=0.1, teacher_temp=0.04,
                         warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=30, total_epochs=41)
     opt = pretrain.make_optimizer(net, torch.device("cpu"))
     return net, dino, opt

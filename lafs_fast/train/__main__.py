@@ -38,7 +38,7 @@ def main(argv=None):
     elif command == "pretrain":
         from .pretrain import main as run
     elif command == "eval":
-        from .evaluate import main as run
+        from ..eval.bins import main as run
     else:
         from .pipeline import main as run
     from ..checkpoint import CheckpointError

@@ -12,47 +12,48 @@ import random
 import re
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .. import config as C
+from .. import config
 from . import distributed
 
 
 @dataclasses.dataclass
 class RunConfig:
     """Options every training command shares: data source, machine, output, reproducibility."""
-    dataset: str = C.field("orl", "training data", choices=["orl", "recordio", "folder", "synthetic"])
-    data_path: str = C.field("", "train.rec prefix / image folder (unused for orl, synthetic)")
-    amp: str = C.field("auto", "mixed precision: auto = bf16 on CUDA, none on CPU",
-                       choices=["auto", "none", "bf16", "fp16"])
-    device: str = C.field("auto", "cpu, cuda, cuda:N or auto")
-    workers: int = C.field(2, "DataLoader workers (decoding); ORL is in memory and needs none")
-    threads: int = C.field(0, "torch CPU threads (0 = torch's default)")
-    out_dir: str = C.field("runs/train", "where checkpoints, metrics.jsonl and pictures go")
-    keep_checkpoints: int = C.field(3, "checkpoints kept (oldest removed)")
-    save_every: int = C.field(0, "steps between mid-epoch checkpoints (0 = only at epoch ends)")
-    resume: bool = C.field(False, "continue from the newest checkpoint in out_dir")
-    stop_after: int = C.field(0, "stop after this many steps, schedule unchanged (0 = run to the end)")
-    seed: int = C.field(0, "random seed (data order, augmentation, init)")
-    deterministic: bool = C.field(False, "deterministic algorithms only (bitwise repeatable for the "
-                                         "same threads, world size and machine; slower on CUDA)")
-    dist_timeout: float = C.field(600.0, "seconds a torchrun rank waits in the rendezvous or a "
-                                         "collective before the run fails")
-    fast_dropout: bool = C.field(True, "counter-based multithreaded dropout on CPU (lafs_fast.dropout: "
-                                       "same distribution, another random stream); false: torch's")
-    log_every: int = C.field(10, "steps between metric lines")
-    progress: bool = C.field(True, "show a progress bar")
+    dataset: str = config.field("orl", "training data", choices=["orl", "recordio", "folder", "synthetic"])
+    data_path: str = config.field("", "train.rec prefix / image folder (unused for orl, synthetic)")
+    amp: str = config.field("auto", "mixed precision: auto = bf16 on CUDA, none on CPU",
+                            choices=["auto", "none", "bf16", "fp16"])
+    device: str = config.field("auto", "cpu, cuda, cuda:N or auto")
+    workers: int = config.field(2, "DataLoader workers (decoding); ORL is in memory and needs none")
+    threads: int = config.field(0, "torch CPU threads (0 = torch's default)")
+    out_dir: str = config.field("runs/train", "where checkpoints, metrics.jsonl and pictures go")
+    keep_checkpoints: int = config.field(3, "checkpoints kept (oldest removed)")
+    save_every: int = config.field(0, "steps between mid-epoch checkpoints (0 = only at epoch ends)")
+    resume: bool = config.field(False, "continue from the newest checkpoint in out_dir")
+    stop_after: int = config.field(0, "stop after this many steps, schedule unchanged (0 = run to the end)")
+    seed: int = config.field(0, "random seed (data order, augmentation, init)")
+    deterministic: bool = config.field(False, "deterministic algorithms only (bitwise repeatable for the "
+                                              "same threads, world size and machine; slower on CUDA)")
+    dist_timeout: float = config.field(600.0, "seconds a torchrun rank waits in the rendezvous or a "
+                                              "collective before the run fails")
+    fast_dropout: bool = config.field(True, "counter-based multithreaded dropout on CPU (lafs_fast.ops.dropout: "
+                                            "same distribution, another random stream); false: torch's")
+    log_every: int = config.field(10, "steps between metric lines")
+    progress: bool = config.field(True, "show a progress bar")
 
     def validate(self):
         for name in ("save_every", "stop_after", "threads", "workers"):
-            C.require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        C.require(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
-        C.require(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
-        C.require(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")
+            value = getattr(self, name)
+            config.require(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        config.require(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        config.require(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
+        config.require(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")
 
 
 def setup_run(cfg: RunConfig) -> tuple[torch.device, str]:
@@ -219,31 +220,6 @@ class JsonlLogger:
         record = {"time": round(time.time() - self.t0, 3), **record}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
-
-
-# ----------------------------------------------------------------------------- step / epoch ends
-class LoopEnds:
-    """What finetune and pretrain do after each optimiser step and each epoch: a metrics line every
-    --log-every steps, a checkpoint every --save-every steps and at every epoch end (unless this
-    step was just saved), and the --stop-after check. `save(epoch)` writes the resume state."""
-
-    def __init__(self, cfg: RunConfig, logger: "JsonlLogger", save: Callable[[int], None], stage: str,
-                 step: int):
-        self.cfg, self.logger, self.save, self.stage, self.last_saved = cfg, logger, save, stage, step
-
-    def after_step(self, step: int, epoch: int, record: dict) -> bool:
-        """True when the run should stop here (--stop-after)."""
-        if step % self.cfg.log_every == 0:
-            self.logger.log(stage=self.stage, **record)
-        if self.cfg.save_every and step % self.cfg.save_every == 0:
-            self.save(epoch)
-            self.last_saved = step
-        return bool(self.cfg.stop_after) and step >= self.cfg.stop_after
-
-    def after_epoch(self, step: int, epoch: int) -> None:
-        if self.last_saved != step:
-            self.save(epoch + 1)
-            self.last_saved = step
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1,8 +1,6 @@
-"""Training data for the loops (dataset choice, few-shot subset, seeded batch order) and the
-held-out evaluation they run at the end."""
+"""Training data for the loops: dataset choice, few-shot subset, seeded batch order."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable, Iterator, Optional
@@ -10,8 +8,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .. import data as D
-from ..eval import verification as V
+from .. import data
 
 
 def open_dataset(name: str, path: str = "", train: bool = True, channel_order: str = "rgb"):
@@ -22,16 +19,16 @@ def open_dataset(name: str, path: str = "", train: bool = True, channel_order: s
         raise ValueError(f"--channel-order {channel_order} applies to --dataset recordio only, "
                          f"not {name}")
     if name == "orl":
-        train_idx, held_idx = D.orl_split()
-        return D.ORLFaces(train_idx if train else held_idx)
+        train_idx, held_idx = data.orl_split()
+        return data.ORLFaces(train_idx if train else held_idx)
     if name == "synthetic":
-        return D.SyntheticFaces(num_identities=8, images_per_identity=6)
+        return data.SyntheticFaces(num_identities=8, images_per_identity=6)
     if not os.path.exists(path) and not os.path.exists(path + ".rec"):
         raise ValueError(f"--data-path: {path!r} does not exist")
     if name == "recordio":
-        return D.RecordIODataset(path, channel_order=channel_order)
+        return data.RecordIODataset(path, channel_order=channel_order)
     if name == "folder":
-        return D.ImageFolderDataset(path)
+        return data.ImageFolderDataset(path)
     raise ValueError(f"unknown dataset {name!r}")
 
 
@@ -130,7 +127,7 @@ class TrainData:
             if len(picks) == n:
                 break
         imgs = torch.stack([self.dataset[i][0] for i in picks])
-        return D.to_model_input(imgs)
+        return data.to_model_input(imgs)
 
     def loader_images_per_s(self) -> Optional[float]:
         """Images/s the DataLoader delivered while the loop waited on it (None: in memory)."""
@@ -170,38 +167,6 @@ def build_train_data(dataset: str, path: str, fewshot: int, seed: int, batch_siz
             raise ValueError(f"--partition {partition} keeps none of the {len(labels)} images")
     if fewshot > 0:
         base = np.arange(len(labels)) if subset is None else subset
-        subset = base[D.fewshot_indices(labels[base], fewshot, seed)]
+        subset = base[data.fewshot_indices(labels[base], fewshot, seed)]
     return TrainData(ds, batch_size, seed, workers, subset, rank, world_size, transform)
 
-
-def evaluate_orl(model, device, batch_size: int = 64) -> dict:
-    """Held-out ORL verification: subjects 31-40, all 450 genuine and 4,500 impostor pairs."""
-    images, _ = D.load_orl()
-    idx1, idx2, same = shuffled_orl_pairs()
-    model = model.to(device)
-    return V.evaluate_pairs(model, images, idx1.numpy(), idx2.numpy(), same.numpy(), batch_size=batch_size)
-
-
-def shuffled_orl_pairs():
-    """The held-out pairs in a fixed random order: the 10 accuracy folds are contiguous (as
-    insightface's), and ORL's natural order would put one subject's genuine pairs in one fold."""
-    idx1, idx2, same = D.orl_verification_pairs()
-    perm = torch.randperm(len(same), generator=torch.Generator().manual_seed(0))
-    return idx1[perm], idx2[perm], same[perm]
-
-
-def raw_pixel_orl() -> dict:
-    """The floor to beat: cosine similarity of raw pixels on the held-out ORL pairs."""
-    images, _ = D.load_orl()
-    idx1, idx2, same = shuffled_orl_pairs()
-    flat = torch.nn.functional.normalize(D.to_model_input(images).flatten(1), dim=1)
-    return V.verification_report(V.pair_scores(flat, idx1.numpy(), idx2.numpy()), same.numpy())
-
-
-def evaluate_model(model, device, out_dir: Optional[str] = None, name: str = "ORL held-out") -> dict:
-    report = evaluate_orl(model, device)
-    V.print_table({name: report})
-    if out_dir:
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump({name: report}, f, indent=1, default=float)
-    return report

@@ -10,120 +10,121 @@ import copy
 import dataclasses
 import math
 import os
-import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .. import config as C
-from .. import ssl
+from .. import config
 from ..convert import save_model
-from ..ops.dropout import use_counter_dropout as use_philox_dropout  # its former name
-from ..models import create_model
-from ..models import partial_fc
+from ..data import to_model_input
+from ..dino import cosine_schedule
+from ..ops.dropout import use_counter_dropout
+from ..eval.orl import OrlEvaluation
+from ..eval.validator import Validator
+from ..models import create_model, partial_fc
 from ..models.heads import ArcFace, CosFace
 from ..models.partial_fc import PartialFC
 from . import common, distributed
-from .progress import progress
-from ..data import to_model_input
-from .data_setup import build_train_data, evaluate_model
-
+from .data_setup import build_train_data
+from .run import Run, fit
 
 @dataclass
 class FinetuneConfig(common.RunConfig):
     """Supervised Part fViT training / finetuning (CosFace or ArcFace)."""
-    out_dir: str = C.field("runs/finetune", "where checkpoints, metrics.jsonl and pictures go")
-    model: str = C.field("part_fvit_tiny", "model preset (part_fvit_tiny, part_fvit_s, part_fvit_b)")
-    landmarks: str = C.field("cnn", "landmarks from the landmark CNN, or a fixed grid (plain fViT)",
-                             choices=["cnn", "grid"])
-    init: str = C.field("", "checkpoint to start from: a lafs_fast pretrain/finetune checkpoint or "
-                            "an official release file (its ViT; DINO heads are dropped)")
-    landmark_init: str = C.field("", "checkpoint whose landmark CNN initialises ours (and is the "
-                                     "frozen reference of the drift regulariser)")
-    fewshot: int = C.field(0, "images per identity (seeded random choice); 0 = all")
-    epochs: int = C.field(40, "training epochs")
-    batch_size: int = C.field(32, "images per step")
-    lr: float = C.field(2e-3, "peak learning rate (AdamW)")
-    min_lr: float = C.field(1e-5, "final learning rate of the cosine schedule")
-    warmup_epochs: float = C.field(2.0, "linear warm-up epochs")
-    weight_decay: float = C.field(0.1, "AdamW weight decay of the ViT (none on biases / norms)")
-    cnn_weight_decay: float = C.field(0.05, "weight decay of the landmark CNN")
-    layer_decay: float = C.field(1.0, "layer-wise lr decay (LAFS finetuning: 0.58; 1 = off)")
-    cnn_lr_scale: float = C.field(1.0, "lr multiplier of the landmark CNN")
-    clip_grad: float = C.field(5.0, "gradient-norm clip (0 = off)")
-    loss: str = C.field("cosface", "margin loss", choices=["cosface", "arcface"])
-    scale: float = C.field(32.0, "margin-loss scale s (64 in the paper for large data)")
-    margin: float = C.field(0.4, "margin m (CosFace 0.4, ArcFace 0.5)")
+    out_dir: str = config.field("runs/finetune", "where checkpoints, metrics.jsonl and pictures go")
+    model: str = config.field("part_fvit_tiny", "model preset (part_fvit_tiny, part_fvit_s, part_fvit_b)")
+    landmarks: str = config.field("cnn", "landmarks from the landmark CNN, or a fixed grid (plain fViT)",
+                                  choices=["cnn", "grid"])
+    init: str = config.field("", "checkpoint to start from: a lafs_fast pretrain/finetune checkpoint or "
+                                 "an official release file (its ViT; DINO heads are dropped)")
+    landmark_init: str = config.field("", "checkpoint whose landmark CNN initialises ours (and is the "
+                                          "frozen reference of the drift regulariser)")
+    fewshot: int = config.field(0, "images per identity (seeded random choice); 0 = all")
+    epochs: int = config.field(40, "training epochs")
+    batch_size: int = config.field(32, "images per step")
+    lr: float = config.field(2e-3, "peak learning rate (AdamW)")
+    min_lr: float = config.field(1e-5, "final learning rate of the cosine schedule")
+    warmup_epochs: float = config.field(2.0, "linear warm-up epochs")
+    weight_decay: float = config.field(0.1, "AdamW weight decay of the ViT (none on biases / norms)")
+    cnn_weight_decay: float = config.field(0.05, "weight decay of the landmark CNN")
+    layer_decay: float = config.field(1.0, "layer-wise lr decay (LAFS finetuning: 0.58; 1 = off)")
+    cnn_lr_scale: float = config.field(1.0, "lr multiplier of the landmark CNN")
+    clip_grad: float = config.field(5.0, "gradient-norm clip (0 = off)")
+    loss: str = config.field("cosface", "margin loss", choices=["cosface", "arcface"])
+    scale: float = config.field(32.0, "margin-loss scale s (64 in the paper for large data)")
+    margin: float = config.field(0.4, "margin m (CosFace 0.4, ArcFace 0.5)")
     # --- Partial FC (class-sharded head): see partial_fc_enabled for the auto rule
-    partial_fc: str = C.field("auto", "class-sharded margin head under torchrun (Partial FC); auto: on "
-                                      "when world size > 1 and classes >= 10000, or --sample-rate < 1",
-                              choices=["auto", "on", "off"])
-    sample_rate: float = C.field(1.0, "Partial FC: fraction of each rank's classes in a step's softmax "
-                                      "(positives always kept; 1 = all)")
-    drift_lambdas: list[float] = C.field([1000.0, 100.0, 1.0, 0.11, 0.0],
-                                         "landmark-drift regulariser weights per stage")
-    drift_epochs: list[int] = C.field([8, 14, 21, 28], "epochs where the drift weight steps down")
-    mixup_alpha: float = C.field(0.2, "mixup Beta(alpha, alpha)")
-    mixup_prob: float = C.field(0.1, "probability that a batch is mixed")
-    crop_scale: float = C.field(0.9, "random resized crop minimum area (max 1)")
-    erase_prob: float = C.field(0.1, "random erasing probability per image")
-    eval: bool = C.field(True, "evaluate on held-out pairs at the end")
+    partial_fc: str = config.field("auto", "class-sharded margin head under torchrun (Partial FC); auto: on "
+                                           "when world size > 1 and classes >= 10000, or --sample-rate < 1",
+                                   choices=["auto", "on", "off"])
+    sample_rate: float = config.field(1.0, "Partial FC: fraction of each rank's classes in a step's softmax "
+                                           "(positives always kept; 1 = all)")
+    drift_lambdas: list[float] = config.field([1000.0, 100.0, 1.0, 0.11, 0.0],
+                                              "landmark-drift regulariser weights per stage")
+    drift_epochs: list[int] = config.field([8, 14, 21, 28], "epochs where the drift weight steps down")
+    mixup_alpha: float = config.field(0.2, "mixup Beta(alpha, alpha)")
+    mixup_prob: float = config.field(0.1, "probability that a batch is mixed")
+    crop_scale: float = config.field(0.9, "random resized crop minimum area (max 1)")
+    erase_prob: float = config.field(0.1, "random erasing probability per image")
+    eval: bool = config.field(True, "evaluate on held-out pairs at the end")
     # --- the release's recipe (train_largescale.py / image_iter.py); defaults keep lafs_fast's
-    augment: str = C.field("light", "light: batched crop/flip/brightness-contrast/square erasing on "
-                                    "tensors; release: the release's per-image face RandAugment, "
-                                    "RandomResizedCrop, ColorJitter, RandomErasing (timm / torchvision)",
-                           choices=["light", "release"])
-    randaugment: str = C.field("rand-m1-mstd0.5-inc1", "--augment release: timm RandAugment config "
-                                                       "(release: m1 WebFace4M, m2 MS1M; '' = none)")
-    color_jitter: float = C.field(0.1, "--augment release: ColorJitter brightness/contrast/saturation/hue")
-    channel_order: str = C.field("rgb", "channel order stored in the RecordIO images; bgr is swapped "
-                                        "at load (the release's non-MS1M records)", choices=["rgb", "bgr"])
-    partition: float = C.field(1.0, "keep the first fraction of the training images (the release's "
-                                    "FaceDataset partition; 1 = all)")
-    accum_steps: int = C.field(1, "micro-batches per optimiser step (gradient accumulation; release: 3)")
-    lr_rule: str = C.field("none", "none: --lr is the peak lr; sqrt: the release's rule, lr x accum "
-                                   "x sqrt(336 x global batch) / 480", choices=["none", "sqrt"])
-    clip_mode: str = C.field("global", "gradient clipping over all tensors or per tensor",
-                             choices=list(common.CLIP_MODES))
-    decay_tokens: bool = C.field(False, "weight decay on cls_token and pos_embedding too (the release)")
-    weight_init: str = C.field("timm", "init of a model not loaded from --init: timm (trunc-normal 0.02) "
-                                       "or release (tokens N(0, 1), PyTorch default Linears)",
-                               choices=["timm", "release"])
-    cnn_head_weight_decay: float = C.field(-1.0, "weight decay of the landmark CNN's output Linear "
-                                                 "(-1 = --cnn-weight-decay; the release: 0.1)")
-    val_bins: list[str] = C.field([], "verification .bin files (insightface) evaluated during training")
-    val_every: int = C.field(0, "optimiser steps between --val-bins evaluations (0 = each epoch end)")
+    augment: str = config.field("light", "light: batched crop/flip/brightness-contrast/square erasing on "
+                                         "tensors; release: the release's per-image face RandAugment, "
+                                         "RandomResizedCrop, ColorJitter, RandomErasing (timm / torchvision)",
+                                choices=["light", "release"])
+    randaugment: str = config.field("rand-m1-mstd0.5-inc1", "--augment release: timm RandAugment config "
+                                                            "(release: m1 WebFace4M, m2 MS1M; '' = none)")
+    color_jitter: float = config.field(0.1, "--augment release: ColorJitter brightness/contrast/saturation/hue")
+    channel_order: str = config.field("rgb", "channel order stored in the RecordIO images; bgr is swapped "
+                                             "at load (the release's non-MS1M records)", choices=["rgb", "bgr"])
+    partition: float = config.field(1.0, "keep the first fraction of the training images (the release's "
+                                         "FaceDataset partition; 1 = all)")
+    accum_steps: int = config.field(1, "micro-batches per optimiser step (gradient accumulation; release: 3)")
+    lr_rule: str = config.field("none", "none: --lr is the peak lr; sqrt: the release's rule, lr x accum "
+                                        "x sqrt(336 x global batch) / 480", choices=["none", "sqrt"])
+    clip_mode: str = config.field("global", "gradient clipping over all tensors or per tensor",
+                                  choices=list(common.CLIP_MODES))
+    decay_tokens: bool = config.field(False, "weight decay on cls_token and pos_embedding too (the release)")
+    weight_init: str = config.field("timm", "init of a model not loaded from --init: timm (trunc-normal 0.02) "
+                                            "or release (tokens N(0, 1), PyTorch default Linears)",
+                                    choices=["timm", "release"])
+    cnn_head_weight_decay: float = config.field(-1.0, "weight decay of the landmark CNN's output Linear "
+                                                      "(-1 = --cnn-weight-decay; the release: 0.1)")
+    val_bins: list[str] = config.field([], "verification .bin files (insightface) evaluated during training")
+    val_every: int = config.field(0, "optimiser steps between --val-bins evaluations (0 = each epoch end)")
 
     def validate(self):
         super().validate()
-        C.require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        C.require(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
-        C.require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        C.require(0 < self.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {self.sample_rate}")
-        C.require(self.sample_rate == 1 or self.partial_fc != "off",
-                  "--sample-rate < 1 samples the classes of a Partial FC head: not with --partial-fc off")
-        C.require(self.fewshot >= 0, f"--fewshot must be >= 0, got {self.fewshot}")
-        C.require(0 < self.crop_scale <= 1, f"--crop-scale must be in (0, 1], got {self.crop_scale}")
-        C.require(0 <= self.erase_prob <= 1, f"--erase-prob must be in [0, 1], got {self.erase_prob}")
-        C.require(self.color_jitter >= 0, f"--color-jitter must be >= 0, got {self.color_jitter}")
-        C.require(self.accum_steps >= 1, f"--accum-steps must be >= 1, got {self.accum_steps}")
-        C.require(0 < self.partition <= 1, f"--partition must be in (0, 1], got {self.partition}")
-        C.require(self.val_every >= 0, f"--val-every must be >= 0, got {self.val_every}")
-        C.require(self.channel_order == "rgb" or self.dataset == "recordio",
-                  f"--channel-order bgr applies to --dataset recordio only, not {self.dataset}")
+        config.require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        config.require(self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}")
+        config.require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        config.require(0 < self.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {self.sample_rate}")
+        config.require(self.sample_rate == 1 or self.partial_fc != "off",
+                       "--sample-rate < 1 samples the classes of a Partial FC head: not with --partial-fc off")
+        config.require(self.fewshot >= 0, f"--fewshot must be >= 0, got {self.fewshot}")
+        config.require(0 < self.crop_scale <= 1, f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        config.require(0 <= self.erase_prob <= 1, f"--erase-prob must be in [0, 1], got {self.erase_prob}")
+        config.require(self.color_jitter >= 0, f"--color-jitter must be >= 0, got {self.color_jitter}")
+        config.require(self.accum_steps >= 1, f"--accum-steps must be >= 1, got {self.accum_steps}")
+        config.require(0 < self.partition <= 1, f"--partition must be in (0, 1], got {self.partition}")
+        config.require(self.val_every >= 0, f"--val-every must be >= 0, got {self.val_every}")
+        config.require(self.channel_order == "rgb" or self.dataset == "recordio",
+                       f"--channel-order bgr applies to --dataset recordio only, not {self.dataset}")
         for b in self.val_bins:
-            C.require(os.path.isfile(b), f"--val-bins: no such file {b}")
-        C.require(len(self.drift_lambdas) == len(self.drift_epochs) + 1,
-                  "--drift-lambdas needs exactly one more value than --drift-epochs")
-        C.require(self.dataset in ("orl", "synthetic") or bool(self.data_path),
-                  f"--data-path is required for --dataset {self.dataset}")
+            config.require(os.path.isfile(b), f"--val-bins: no such file {b}")
+        config.require(len(self.drift_lambdas) == len(self.drift_epochs) + 1,
+                       "--drift-lambdas needs exactly one more value than --drift-epochs")
+        config.require(self.dataset in ("orl", "synthetic") or bool(self.data_path),
+                       f"--data-path is required for --dataset {self.dataset}")
         if self.init:
-            C.require(os.path.exists(self.init), f"--init: no such file {self.init}")
+            config.require(os.path.exists(self.init), f"--init: no such file {self.init}")
         if self.landmark_init:
-            C.require(os.path.exists(self.landmark_init), f"--landmark-init: no such file {self.landmark_init}")
+            config.require(os.path.exists(self.landmark_init),
+                           f"--landmark-init: no such file {self.landmark_init}")
 
 
 def drift_weight(cfg: FinetuneConfig, epoch: int) -> float:
@@ -171,7 +172,7 @@ def build_model(cfg: FinetuneConfig, device):
     if cfg.weight_init != "timm":
         model.init_weights(cfg.weight_init)
     if cfg.fast_dropout:
-        use_philox_dropout(model)
+        use_counter_dropout(model)
     if cfg.init:
         load_backbone_into(model, cfg.init, part="vit")
     if cfg.landmark_init and model.landmark_cnn is not None:
@@ -259,49 +260,6 @@ def optimizer_step(cfg: FinetuneConfig, opt, scaler, params, head=None) -> torch
     return gnorm
 
 
-class Validator:
-    """--val-bins: flip-sum 10-fold accuracy of each .bin (insightface's protocol, images in the
-    training range [-1, 1]), a metrics line per evaluation, and best.pt (highest mean accuracy
-    over the sets) kept beside the last model. Rank 0 only. A resumed run continues from the
-    best.pt already in out_dir (its mean accuracy), so a worse later model never replaces it."""
-
-    def __init__(self, paths: list[str], image_size: int, out_dir: str, logger, batch_size: int = 64,
-                 resume: bool = False):
-        from ..eval import load_bin
-        self.sets = {}
-        for p in paths:
-            name = os.path.splitext(os.path.basename(p))[0]
-            if name in self.sets:
-                raise ValueError(f"--val-bins: two files named {name}.bin")
-            self.sets[name] = load_bin(p, image_size)
-        self.out_dir, self.logger, self.batch_size = out_dir, logger, batch_size
-        self.best = -math.inf
-        self.best_path = os.path.join(out_dir, "best.pt")
-        if resume and self.sets and os.path.exists(self.best_path):
-            from ..checkpoint import load_checkpoint
-            self.best = float(load_checkpoint(self.best_path).get("val_mean", -math.inf))
-
-    def __bool__(self) -> bool:
-        return bool(self.sets)
-
-    def __call__(self, model, step: int, epoch: int) -> dict:
-        from ..eval import embed_with_flip, kfold_accuracy
-        from ..eval.verification import cosine_scores
-        acc = {}
-        for name, (images, same) in self.sets.items():
-            emb = embed_with_flip(model, images, self.batch_size)
-            scores = cosine_scores(emb[0::2], emb[1::2])
-            acc[name] = kfold_accuracy(scores, same.numpy(), n_folds=min(10, len(scores)))["mean"]
-        mean = float(np.mean(list(acc.values())))
-        improved = mean > self.best
-        if improved:
-            self.best = mean
-            save_model(model, self.best_path, stage="finetune", step=step, val_accuracy=acc, val_mean=mean)
-        self.logger.log(stage="val", step=step, epoch=epoch, **{f"acc_{k}": v for k, v in acc.items()},
-                        acc_mean=mean, best_mean=self.best, saved_best=improved)
-        return {"mean": mean, **acc}
-
-
 # ----------------------------------------------------------------------------- Partial FC
 PARTIAL_FC_AUTO_CLASSES = 10_000
 
@@ -366,13 +324,55 @@ def clip_gradients(cfg: FinetuneConfig, params, head=None) -> torch.Tensor:
     return torch.sqrt(n_rest.float() ** 2 + n_head.to(n_rest.device) ** 2)
 
 
-def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
-    """Train; under torchrun every rank calls this and returns rank 0's result."""
-    with distributed.failure_guard():
-        return _train(cfg, log_prefix)
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class FinetuneRun(Run):
+    """A finetuning run: the shared parts, the margin head, the drift regulariser's frozen
+    landmark CNN and the faces whose landmarks are drawn at the end."""
+    head: Optional[nn.Module] = None         # CosFace / ArcFace, or this rank's Partial FC shard
+    ddp_head: Optional[nn.Module] = None     # its DDP wrapper (a Partial FC shard is not wrapped)
+    frozen_cnn: Optional[nn.Module] = None   # the drift regulariser's reference (None: no drift term)
+    fixed: Optional[torch.Tensor] = None     # 8 training faces, their landmarks pictured
+    start_landmarks: Optional[torch.Tensor] = None
+    rows: Optional[slice] = None             # this rank's rows of the global batch
+    params: list = dataclasses.field(default_factory=list)  # what gradient clipping sees
+
+    def save_state(self, epoch: int) -> None:
+        head_sd, opt_sd = partial_fc.checkpoint_parts(self.head, self.optimizer,
+                                                      self.ring.path(self.step))  # + shard files
+        self.write_checkpoint(epoch, model=self.model.state_dict(), head=head_sd, optimizer=opt_sd,
+                              start_landmarks=self.start_landmarks, config=dataclasses.asdict(self.cfg),
+                              model_config=self.model.config, kind="finetune")
+        if self.is_main:  # shard files of checkpoints the ring removed
+            partial_fc.prune_shards(self.cfg.out_dir)
+
+    def finish(self) -> dict:
+        """A summary line, the landmark pictures and model.pt."""
+        last, model = self.last, self.model
+        result = {"steps": self.step, "train_images_per_s": last.get("images_per_s", 0.0),
+                  "final_loss": last.get("loss", math.nan),
+                  "checkpoint": os.path.join(self.cfg.out_dir, "model.pt")}
+        self.logger.log(stage=self.stage, **last, loader_images_per_s=self.data.loader_images_per_s())
+        model.eval()
+        with torch.no_grad():
+            end_landmarks = model.predict_landmarks(self.fixed).cpu()
+        common.save_landmark_png(os.path.join(self.cfg.out_dir, "landmarks.png"), self.fixed, end_landmarks,
+                                 self.start_landmarks)
+        result["landmark_shift_px"] = (end_landmarks - self.start_landmarks).norm(dim=-1).mean().item()
+        save_model(model, result["checkpoint"], stage="finetune")
+        return result
 
 
-def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
+def drift_reference(cfg: FinetuneConfig, model) -> Optional[nn.Module]:
+    """The drift regulariser pulls the trainable landmark CNN towards a frozen copy of its start
+    (None when there is no loaded landmark CNN or no drift weight)."""
+    if model.landmark_cnn is not None and (cfg.landmark_init or cfg.init) and max(cfg.drift_lambdas) > 0:
+        return copy.deepcopy(model.landmark_cnn).eval().requires_grad_(False)
+    return None
+
+
+def build_run(cfg: FinetuneConfig, stage: str = "finetune") -> FinetuneRun:
+    """Model, data, head, optimiser, lr schedule, the resumed state, DDP wrappers."""
     device, amp = common.setup_run(cfg)
     me = distributed.info()
     model = build_model(cfg, device)
@@ -380,136 +380,113 @@ def _train(cfg: FinetuneConfig, log_prefix: str) -> dict:
                             me.rank, me.world_size, channel_order=cfg.channel_order, partition=cfg.partition,
                             transform=build_train_augment(cfg, model.image_size))
     head = build_head(cfg, model.dim, data.num_classes, device)
-    # The drift regulariser pulls the trainable landmark CNN towards a frozen copy of its start.
-    frozen_cnn = None
-    if model.landmark_cnn is not None and (cfg.landmark_init or cfg.init) and max(cfg.drift_lambdas) > 0:
-        frozen_cnn = copy.deepcopy(model.landmark_cnn).eval().requires_grad_(False)
+    frozen_cnn = drift_reference(cfg, model)
     distributed.seed_rank_rngs(cfg.seed)  # weights are equal on every rank; dropout masks must not be
     opt = common.make_adamw(make_param_groups(cfg, model, head), cfg.lr, device)
-    scaler = common.make_grad_scaler(device, amp)
-    # Optimiser steps of --accum-steps micro-batches each; an epoch's last len % accum
-    # micro-batches are left out, so that an accumulation never spans a checkpoint at an epoch end.
-    accum = cfg.accum_steps
-    if len(data) < accum:
-        raise ValueError(f"--accum-steps {accum} exceeds the {len(data)} batches of an epoch")
-    steps_per_epoch = len(data) // accum
-    total = cfg.epochs * steps_per_epoch
-    lr_sched = ssl.cosine_schedule(peak_lr(cfg, data.global_batch), cfg.min_lr, cfg.epochs, steps_per_epoch,
-                                   warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
-    ring = common.CheckpointRing(cfg.out_dir, cfg.keep_checkpoints)
-    logger = common.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    # Optimiser steps of --accum-steps micro-batches each (train_one_epoch).
+    if len(data) < cfg.accum_steps:
+        raise ValueError(f"--accum-steps {cfg.accum_steps} exceeds the {len(data)} batches of an epoch")
+    steps_per_epoch = len(data) // cfg.accum_steps
+    lr = cosine_schedule(peak_lr(cfg, data.global_batch), cfg.min_lr, cfg.epochs, steps_per_epoch,
+                         warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
     # One generator, in step on every rank: augmentation and mixup draw for the global batch.
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    step, start_epoch, start_landmarks = 0, 0, None
-    if cfg.resume:
-        state = common.load_training_state(ring, data.global_batch, gen, scaler, per_rank_gen=False, seed=cfg.seed)
-        if state:
-            model.load_state_dict(state["model"])
-            partial_fc.load_head(state, ring.path(state["step"]), head, opt)  # either head, any world size
-            step, start_epoch = state["step"], state["epoch"]
-            start_landmarks = state.get("start_landmarks")
-    fixed = data.sample_images(8).to(device)
-    if start_landmarks is None:
+    run = FinetuneRun(cfg=cfg, stage=stage, device=device, amp=amp, data=data, model=model, optimizer=opt,
+                      scaler=common.make_grad_scaler(device, amp),
+                      generator=torch.Generator().manual_seed(cfg.seed + 1), steps_per_epoch=steps_per_epoch,
+                      schedules={"lr": lr}, head=head, frozen_cnn=frozen_cnn,
+                      rows=slice(me.rank * cfg.batch_size, (me.rank + 1) * cfg.batch_size))
+    state = run.resume(per_rank_generator=False)
+    if state:
+        model.load_state_dict(state["model"])
+        partial_fc.load_head(state, run.ring.path(state["step"]), head, opt)  # either head, any world size
+        run.start_landmarks = state.get("start_landmarks")
+    run.fixed = data.sample_images(8).to(device)
+    if run.start_landmarks is None:
         with torch.no_grad():
-            start_landmarks = model.eval().predict_landmarks(fixed).cpu()
+            run.start_landmarks = model.eval().predict_landmarks(run.fixed).cpu()
     model.train()
     # Under torchrun: batch-norm statistics over the global batch, gradients averaged over ranks.
-    model = distributed.sync_batch_norm(model, device)
-    ddp_model = distributed.wrap_ddp(model)
-    ddp_head = head if isinstance(head, PartialFC) else distributed.wrap_ddp(head)  # shards: not DDP
-    rows = slice(me.rank * cfg.batch_size, (me.rank + 1) * cfg.batch_size)
-
-    def save(epoch):
-        head_sd, opt_sd = partial_fc.checkpoint_parts(head, opt, ring.path(step))  # + shard files
-        common.save_training_state(ring, step, epoch, steps_per_epoch, data.global_batch, gen, scaler,
-                                   model=model.state_dict(), head=head_sd, optimizer=opt_sd,
-                                   start_landmarks=start_landmarks, config=dataclasses.asdict(cfg),
-                                   model_config=model.config, kind="finetune")
-        if me.is_main:  # shard files of checkpoints the ring removed
-            partial_fc.prune_shards(cfg.out_dir)
-
-    validator = Validator(cfg.val_bins, model.image_size, cfg.out_dir, logger, resume=cfg.resume) \
-        if me.is_main else None
-    params = list(model.parameters()) + list(head.parameters())
-    t_start, seen = time.time(), 0
-    ends = common.LoopEnds(cfg, logger, save, log_prefix, step)
-    bar = progress(total, step, log_prefix, enabled=cfg.progress and me.is_main)
-    last = {}
+    run.model = distributed.sync_batch_norm(model, device)
+    run.ddp_model = distributed.wrap_ddp(run.model)
+    run.ddp_head = head if isinstance(head, PartialFC) else distributed.wrap_ddp(head)  # shards: not DDP
+    run.params = list(run.model.parameters()) + list(head.parameters())
     opt.zero_grad(set_to_none=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        lam_drift = drift_weight(cfg, epoch)
-        skip = max(0, step - epoch * steps_per_epoch) * accum
-        sums = torch.zeros(3, device=device)
-        for micro, (images, labels) in enumerate(data.epoch_batches(epoch, skip), start=skip):
-            if micro >= steps_per_epoch * accum:
-                break
-            x = to_model_input(images.to(device, non_blocking=True))
-            y = labels.to(device)
-            common.set_schedule(opt, float(lr_sched[step]))
-            if data.transform is None:
-                x = augment(x, cfg, gen, rows, data.global_batch)
-            target = class_targets(head, y, data.num_classes, rows, data.global_batch)
-            if cfg.mixup_prob > 0 and torch.rand((), generator=gen).item() < cfg.mixup_prob:
-                x, target = mixup(x, target, cfg.mixup_alpha, gen, rows)
-            target = head_targets(head, target, y)
-            boundary = (micro + 1) % accum == 0
-            # Gradients are all-reduced on the last micro-batch of a step only.
-            sync = contextlib.ExitStack()
-            if not boundary and hasattr(ddp_model, "no_sync"):
-                sync.enter_context(ddp_model.no_sync())
-                sync.enter_context(ddp_head.no_sync())
-            with sync:
-                loss, drift, total_loss = micro_batch_loss(cfg, ddp_model, ddp_head, x, target, device, amp,
-                                                           frozen_cnn, lam_drift, model.image_size)
-                scaler.scale(total_loss / accum).backward()
-            # The global batch's values: logged, and every rank stops together on a non-finite one.
-            shown = distributed.all_reduce_mean(torch.stack([loss.detach(), drift.detach(), total_loss.detach()]))
-            if not torch.isfinite(shown).all():
-                raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}); the last good "
-                                         f"checkpoint is {ring.latest()}")
-            sums += shown
-            seen += x.shape[0] * me.world_size
-            if not boundary:
-                continue
-            gnorm = optimizer_step(cfg, opt, scaler, params, head)
-            shown, sums = sums / accum, torch.zeros(3, device=device)
-            step += 1
-            bar.update(1)
-            ips = seen / max(1e-9, time.time() - t_start)
-            bar.set_postfix(loss=f"{shown[0].item():.3f}", ips=f"{ips:.1f}")
-            last = {"step": step, "epoch": epoch, "loss": shown[0].item(), "drift": shown[1].item(),
-                    "drift_lambda": lam_drift, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
-                    "images_per_s": ips}
-            if validator and cfg.val_every and step % cfg.val_every == 0:
-                validator(model, step, epoch)
-            if ends.after_step(step, epoch, last):
-                bar.close()
-                return {"steps": step, "stopped": True}
-        if validator and not cfg.val_every:
-            validator(model, step, epoch)
-        ends.after_epoch(step, epoch)
-    bar.close()
-    result = {"steps": step, "train_images_per_s": last.get("images_per_s", 0.0),
-              "final_loss": last.get("loss", math.nan), "checkpoint": os.path.join(cfg.out_dir, "model.pt")}
-    if me.is_main:  # pictures, the final model and the evaluation: rank 0 only
-        logger.log(stage=log_prefix, **last, loader_images_per_s=data.loader_images_per_s())
-        model.eval()
-        with torch.no_grad():
-            end_landmarks = model.predict_landmarks(fixed).cpu()
-        common.save_landmark_png(os.path.join(cfg.out_dir, "landmarks.png"), fixed, end_landmarks, start_landmarks)
-        result["landmark_shift_px"] = (end_landmarks - start_landmarks).norm(dim=-1).mean().item()
-        save_model(model, result["checkpoint"], stage="finetune")
-        if validator:
-            if cfg.val_every and step % cfg.val_every:  # the final weights, unless just evaluated
-                validator(model, step, cfg.epochs - 1)
-            result["val_best_mean"], result["best_checkpoint"] = validator.best, validator.best_path
-        if cfg.eval:
-            result["eval"] = evaluate_model(model, device, cfg.out_dir)
-        logger.log(stage=log_prefix + "_done", **{k: v for k, v in result.items() if k != "eval"})
-    # Every rank returns rank 0's result, once model.pt exists (the pipeline's next stage reads it).
-    return distributed.broadcast_object(result)
+    return run
+
+
+def forward_backward(run: FinetuneRun, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                     lam_drift: float, boundary: bool) -> torch.Tensor:
+    """One micro-batch: augmentation, mixup, forward, backward (gradients all-reduced on the
+    last micro-batch of a step only). Returns the global batch's (loss, drift, total); every
+    rank stops together on a non-finite one."""
+    cfg, data = run.cfg, run.data
+    x = to_model_input(images.to(run.device, non_blocking=True))
+    y = labels.to(run.device)
+    common.set_schedule(run.optimizer, float(run.schedules["lr"][run.step]))
+    if data.transform is None:
+        x = augment(x, cfg, run.generator, run.rows, data.global_batch)
+    target = class_targets(run.head, y, data.num_classes, run.rows, data.global_batch)
+    if cfg.mixup_prob > 0 and torch.rand((), generator=run.generator).item() < cfg.mixup_prob:
+        x, target = mixup(x, target, cfg.mixup_alpha, run.generator, run.rows)
+    target = head_targets(run.head, target, y)
+    sync = contextlib.ExitStack()
+    if not boundary and hasattr(run.ddp_model, "no_sync"):
+        sync.enter_context(run.ddp_model.no_sync())
+        sync.enter_context(run.ddp_head.no_sync())
+    with sync:
+        loss, drift, total_loss = micro_batch_loss(cfg, run.ddp_model, run.ddp_head, x, target, run.device,
+                                                   run.amp, run.frozen_cnn, lam_drift, run.model.image_size)
+        run.scaler.scale(total_loss / cfg.accum_steps).backward()
+    shown = distributed.all_reduce_mean(torch.stack([loss.detach(), drift.detach(), total_loss.detach()]))
+    if not torch.isfinite(shown).all():
+        raise FloatingPointError(f"non-finite loss at step {run.step} (epoch {epoch}); the last good "
+                                 f"checkpoint is {run.ring.latest()}")
+    return shown
+
+
+def train_one_epoch(run: FinetuneRun, epoch: int) -> Iterator[dict]:
+    """The optimiser steps of one epoch, each of --accum-steps micro-batches; yields each step's
+    metrics. An epoch's last len % accum micro-batches are left out, so that an accumulation
+    never spans a checkpoint at an epoch end."""
+    cfg, accum = run.cfg, run.cfg.accum_steps
+    lam_drift = drift_weight(cfg, epoch)
+    skip = max(0, run.step - epoch * run.steps_per_epoch) * accum
+    sums = torch.zeros(3, device=run.device)
+    for micro, (images, labels) in enumerate(run.data.epoch_batches(epoch, skip), start=skip):
+        if micro >= run.steps_per_epoch * accum:
+            break
+        boundary = (micro + 1) % accum == 0
+        sums += forward_backward(run, images, labels, epoch, lam_drift, boundary)
+        run.seen += images.shape[0] * distributed.info().world_size
+        if not boundary:
+            continue
+        gnorm = optimizer_step(cfg, run.optimizer, run.scaler, run.params, run.head)
+        shown, sums = sums / accum, torch.zeros(3, device=run.device)
+        run.step += 1
+        yield {"step": run.step, "epoch": epoch, "loss": shown[0].item(), "drift": shown[1].item(),
+               "drift_lambda": lam_drift, "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(gnorm)}
+
+
+def default_hooks(run: FinetuneRun) -> list:
+    """Rank 0: --val-bins validation during training, the held-out ORL evaluation at the end."""
+    if not run.is_main:
+        return []
+    cfg, hooks = run.cfg, []
+    validator = Validator(cfg.val_bins, run.model.image_size, cfg.out_dir, run.logger, resume=cfg.resume,
+                          every=cfg.val_every)
+    if validator:
+        hooks.append(validator)
+    if cfg.eval:
+        hooks.append(OrlEvaluation(cfg.out_dir))
+    return hooks
+
+
+def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
+    """Train; under torchrun every rank calls this and returns rank 0's result."""
+    with distributed.failure_guard():
+        training = build_run(cfg, log_prefix)
+        return fit(training, train_one_epoch, default_hooks(training))
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    cfg = C.parse(FinetuneConfig, argv, prog="python -m lafs_fast.train finetune")
-    return run(cfg)
+    return run(config.parse(FinetuneConfig, argv, prog="python -m lafs_fast.train finetune"))

@@ -16,43 +16,43 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import config as C
-from ..eval import verification as V
+from .. import config
+from ..eval import verification
+from ..eval.orl import raw_pixel_orl
 from . import finetune, pretrain
-from .data_setup import raw_pixel_orl
 
 
 @dataclass
 class PipelineConfig:
     """Supervised Part fViT -> LAFS pretraining -> few-shot finetuning -> verification."""
-    model: str = C.field("part_fvit_tiny", "backbone preset")
-    dataset: str = C.field("orl", "data for every stage", choices=["orl", "recordio", "folder", "synthetic"])
-    data_path: str = C.field("", "train.rec prefix / image folder (unused for orl)")
-    fewshot: int = C.field(2, "images per identity for the supervised stages (0 = all)")
-    supervised_epochs: int = C.field(120, "epochs of stage 1 (few-shot supervised Part fViT)")
-    pretrain_epochs: int = C.field(20, "epochs of stage 2 (LAFS pretraining)")
-    finetune_epochs: int = C.field(120, "epochs of stage 3 (few-shot finetuning)")
-    batch_size: int = C.field(20, "images per step in stages 1 and 3")
-    lr: float = C.field(1e-3, "peak learning rate of stages 1 and 3")
-    scale: float = C.field(8.0, "CosFace scale s of stages 1 and 3 (tiny data wants a small s)")
-    margin: float = C.field(0.1, "CosFace margin m of stages 1 and 3")
-    weight_decay: float = C.field(0.05, "weight decay of stages 1 and 3")
-    mixup_prob: float = C.field(0.0, "mixup probability of stages 1 and 3")
-    pretrain_batch_size: int = C.field(30, "faces per step in stage 2")
-    n_local: int = C.field(4, "local views per face in stage 2")
-    out_dim: int = C.field(1024, "DINO output dimension in stage 2")
-    head_hidden: int = C.field(512, "DINO head hidden width in stage 2 (2048 at full size)")
-    threads: int = C.field(0, "torch CPU threads (0 = default)")
-    device: str = C.field("auto", "cpu, cuda or auto")
-    out_dir: str = C.field("runs/pipeline", "one folder per stage inside")
-    seed: int = C.field(0, "random seed of every stage")
-    progress: bool = C.field(True, "progress bars")
+    model: str = config.field("part_fvit_tiny", "backbone preset")
+    dataset: str = config.field("orl", "data for every stage", choices=["orl", "recordio", "folder", "synthetic"])
+    data_path: str = config.field("", "train.rec prefix / image folder (unused for orl)")
+    fewshot: int = config.field(2, "images per identity for the supervised stages (0 = all)")
+    supervised_epochs: int = config.field(120, "epochs of stage 1 (few-shot supervised Part fViT)")
+    pretrain_epochs: int = config.field(20, "epochs of stage 2 (LAFS pretraining)")
+    finetune_epochs: int = config.field(120, "epochs of stage 3 (few-shot finetuning)")
+    batch_size: int = config.field(20, "images per step in stages 1 and 3")
+    lr: float = config.field(1e-3, "peak learning rate of stages 1 and 3")
+    scale: float = config.field(8.0, "CosFace scale s of stages 1 and 3 (tiny data wants a small s)")
+    margin: float = config.field(0.1, "CosFace margin m of stages 1 and 3")
+    weight_decay: float = config.field(0.05, "weight decay of stages 1 and 3")
+    mixup_prob: float = config.field(0.0, "mixup probability of stages 1 and 3")
+    pretrain_batch_size: int = config.field(30, "faces per step in stage 2")
+    n_local: int = config.field(4, "local views per face in stage 2")
+    out_dim: int = config.field(1024, "DINO output dimension in stage 2")
+    head_hidden: int = config.field(512, "DINO head hidden width in stage 2 (2048 at full size)")
+    threads: int = config.field(0, "torch CPU threads (0 = default)")
+    device: str = config.field("auto", "cpu, cuda or auto")
+    out_dir: str = config.field("runs/pipeline", "one folder per stage inside")
+    seed: int = config.field(0, "random seed of every stage")
+    progress: bool = config.field(True, "progress bars")
 
     def validate(self):
         for name in ("supervised_epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
                      "pretrain_batch_size"):
-            C.require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        C.require(self.fewshot >= 0, "--fewshot must be >= 0")
+            config.require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        config.require(self.fewshot >= 0, "--fewshot must be >= 0")
 
 
 def run(cfg: PipelineConfig) -> dict:
@@ -81,7 +81,7 @@ def run(cfg: PipelineConfig) -> dict:
     reports = {"raw pixels (floor)": raw_pixel_orl(),
                f"Part fViT from scratch ({cfg.fewshot}-shot)": sup["eval"],
                f"LAFS pretrained + finetuned ({cfg.fewshot}-shot)": fin["eval"]}
-    V.print_table(reports)
+    verification.print_table(reports)
     minutes = (time.time() - t0) / 60
     print(f"pipeline finished in {minutes:.1f} min; results in {out('results.json')}")
     with open(out("results.json"), "w") as f:
@@ -90,4 +90,4 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    return run(C.parse(PipelineConfig, argv, prog="python -m lafs_fast.train pipeline"))
+    return run(config.parse(PipelineConfig, argv, prog="python -m lafs_fast.train pipeline"))

@@ -7,7 +7,7 @@ One step, as data (no Python loop over views):
   -> ops.multicrop_embed (student tokens of every view, teacher tokens of the global views;
      landmark shuffle/subset on the local views, coordinate perturbation on all)
   -> student ViT: global batch + local batch; teacher ViT: global batch (no_grad)
-  -> DINO heads -> ssl.DINOLoss -> backward -> AdamW -> EMA teacher.
+  -> DINO heads -> lafs_fast.dino.DINOLoss -> backward -> AdamW -> EMA teacher.
 
     python -m lafs_fast.train pretrain --help
 """
@@ -17,86 +17,86 @@ import copy
 import dataclasses
 import math
 import os
-import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-from .. import config as C
-from .. import ops, ssl, views
+from .. import config, ops, views
 from ..convert import save_model
-from ..ops.dropout import use_counter_dropout as use_philox_dropout  # its former name
-from ..models import create_model
-from ..models.registry import model_config
-from ..models.heads import DINOHead
-from . import common, distributed
-from .progress import progress
 from ..data import to_model_input
+from ..dino import (DINOLoss, cancel_last_layer_grads, check_finite, ema_update_, lr_schedule,
+                    momentum_schedule, teacher_temp_schedule, weight_decay_schedule)
+from ..ops.dropout import use_counter_dropout
+from ..models import create_model
+from ..models.heads import DINOHead
+from ..models.registry import model_config
+from . import common, distributed
 from .data_setup import build_train_data
-
+from .run import Run, fit
 
 @dataclass
 class PretrainConfig(common.RunConfig):
     """LAFS pretraining (self-supervised, DINO-style, on unlabeled faces). The defaults are sized for the
     bundled ORL faces on a CPU; configs/release/lafs_pretrain_webface4m.yaml is the release's recipe."""
-    out_dir: str = C.field("runs/pretrain", "where checkpoints, metrics.jsonl and pictures go")
-    model: str = C.field("part_fvit_tiny", "backbone preset")
-    landmarks: str = C.field("cnn", "cnn: a frozen landmark CNN from --landmark-init; grid: the "
-                                    "fixed grid (DINO-on-fViT baseline)", choices=["cnn", "grid"])
-    landmark_init: str = C.field("", "checkpoint holding the supervised landmark CNN (required for cnn)")
-    epochs: int = C.field(20, "epochs")
-    batch_size: int = C.field(32, "faces per step (each gives 2 global + n_local views)")
-    n_local: int = C.field(8, "local views per face")
-    local_landmarks: int = C.field(0, "landmarks per local view (0 = 36/196 of N, rounded)")
-    shuffle: bool = C.field(True, "local views draw landmarks with replacement in random order")
-    perturb_std: float = C.field(5.0, "sigma in pixels of the landmark coordinate perturbation")
-    photometric: bool = C.field(True, "colour jitter / grayscale / blur / solarize on augmented copies")
-    out_dim: int = C.field(4096, "DINO head output dimension K (100000 in the release)")
-    head_hidden: int = C.field(2048, "DINO head hidden width (2048 in the release)")
-    head_bottleneck: int = C.field(256, "DINO head bottleneck before the weight-normed layer (256)")
-    lr: float = C.field(5e-4, "peak lr for a global batch of 256 (scaled linearly: lr x batch_size x world "
-                              "size / 256)")
-    min_lr: float = C.field(1e-6, "final lr")
-    warmup_epochs: float = C.field(2.0, "lr warm-up epochs (10 of 41 in the release; 2 suits the CPU-sized "
-                                        "ORL default)")
-    weight_decay: float = C.field(0.04, "initial weight decay (cosine to --weight-decay-end)")
-    weight_decay_end: float = C.field(0.4, "final weight decay")
-    momentum_teacher: float = C.field(0.996, "initial EMA momentum (cosine to 1)")
-    teacher_temp: float = C.field(0.04, "teacher temperature after warm-up")
-    warmup_teacher_temp: float = C.field(0.04, "initial teacher temperature (the release: 0.07; the ORL "
-                                               "default keeps 0.04, its runs being short)")
-    warmup_teacher_temp_epochs: int = C.field(0, "teacher temperature warm-up epochs, linear (30 in the "
-                                                 "release; more than --epochs is cut, not a crash)")
-    student_temp: float = C.field(0.1, "student temperature")
-    freeze_last_layer: int = C.field(1, "epochs with the head's last layer frozen (1: epoch 0, the release)")
-    clip_grad: float = C.field(3.0, "gradient-norm clip (0 = off)")
-    clip_mode: str = C.field("global", "global: one norm over all student tensors (lafs_fast's default); "
-                                       "per_tensor: each tensor's gradient clipped to --clip-grad on its own "
-                                       "(DINO's clip_gradients: the release)", choices=list(common.CLIP_MODES))
-    decay_tokens: bool = C.field(False, "weight decay on cls_token and pos_embedding too (the release: true; "
-                                        "default false exempts them, as timm/DeiT)")
-    weight_init: str = C.field("timm", "student init: timm (trunc-normal 0.02, lafs_fast's default) or "
-                                       "release (cls_token, pos_embedding ~ N(0, 1), PyTorch's default Linear "
-                                       "init, DINO head's last layer likewise)", choices=["timm", "release"])
-    backend: str = C.field("auto", "op backend", choices=list(ops.BACKENDS))
-    landmark_source: str = C.field("view", "view: the frozen CNN predicts landmarks on every view's clean "
-                                           "copy (the release); image: once per face, mapped into each view "
-                                           "through its crop and flip (10x fewer CNN calls)",
-                                   choices=["view", "image"])
+    out_dir: str = config.field("runs/pretrain", "where checkpoints, metrics.jsonl and pictures go")
+    model: str = config.field("part_fvit_tiny", "backbone preset")
+    landmarks: str = config.field("cnn", "cnn: a frozen landmark CNN from --landmark-init; grid: the "
+                                         "fixed grid (DINO-on-fViT baseline)", choices=["cnn", "grid"])
+    landmark_init: str = config.field("", "checkpoint holding the supervised landmark CNN (required for cnn)")
+    epochs: int = config.field(20, "epochs")
+    batch_size: int = config.field(32, "faces per step (each gives 2 global + n_local views)")
+    n_local: int = config.field(8, "local views per face")
+    local_landmarks: int = config.field(0, "landmarks per local view (0 = 36/196 of N, rounded)")
+    shuffle: bool = config.field(True, "local views draw landmarks with replacement in random order")
+    perturb_std: float = config.field(5.0, "sigma in pixels of the landmark coordinate perturbation")
+    photometric: bool = config.field(True, "colour jitter / grayscale / blur / solarize on augmented copies")
+    out_dim: int = config.field(4096, "DINO head output dimension K (100000 in the release)")
+    head_hidden: int = config.field(2048, "DINO head hidden width (2048 in the release)")
+    head_bottleneck: int = config.field(256, "DINO head bottleneck before the weight-normed layer (256)")
+    lr: float = config.field(5e-4, "peak lr for a global batch of 256 (scaled linearly: lr x batch_size x world "
+                                   "size / 256)")
+    min_lr: float = config.field(1e-6, "final lr")
+    warmup_epochs: float = config.field(2.0, "lr warm-up epochs (10 of 41 in the release; 2 suits the CPU-sized "
+                                             "ORL default)")
+    weight_decay: float = config.field(0.04, "initial weight decay (cosine to --weight-decay-end)")
+    weight_decay_end: float = config.field(0.4, "final weight decay")
+    momentum_teacher: float = config.field(0.996, "initial EMA momentum (cosine to 1)")
+    teacher_temp: float = config.field(0.04, "teacher temperature after warm-up")
+    warmup_teacher_temp: float = config.field(0.04, "initial teacher temperature (the release: 0.07; the ORL "
+                                                    "default keeps 0.04, its runs being short)")
+    warmup_teacher_temp_epochs: int = config.field(0, "teacher temperature warm-up epochs, linear (30 in the "
+                                                      "release; more than --epochs is cut, not a crash)")
+    student_temp: float = config.field(0.1, "student temperature")
+    freeze_last_layer: int = config.field(1, "epochs with the head's last layer frozen (1: epoch 0, the release)")
+    clip_grad: float = config.field(3.0, "gradient-norm clip (0 = off)")
+    clip_mode: str = config.field("global", "global: one norm over all student tensors (lafs_fast's default); "
+                                            "per_tensor: each tensor's gradient clipped to --clip-grad on its own "
+                                            "(DINO's clip_gradients: the release)", choices=list(common.CLIP_MODES))
+    decay_tokens: bool = config.field(False, "weight decay on cls_token and pos_embedding too (the release: true; "
+                                             "default false exempts them, as timm/DeiT)")
+    weight_init: str = config.field("timm", "student init: timm (trunc-normal 0.02, lafs_fast's default) or "
+                                            "release (cls_token, pos_embedding ~ N(0, 1), PyTorch's default Linear "
+                                            "init, DINO head's last layer likewise)", choices=["timm", "release"])
+    backend: str = config.field("auto", "op backend", choices=list(ops.BACKENDS))
+    landmark_source: str = config.field("view", "view: the frozen CNN predicts landmarks on every view's clean "
+                                                "copy (the release); image: once per face, mapped into each view "
+                                                "through its crop and flip (10x fewer CNN calls)",
+                                        choices=["view", "image"])
 
     def validate(self):
         super().validate()
-        C.require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        C.require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        C.require(self.n_local >= 0, f"--n-local must be >= 0, got {self.n_local}")
-        C.require(self.perturb_std >= 0, f"--perturb-std must be >= 0, got {self.perturb_std}")
-        C.require(self.out_dim >= 2, f"--out-dim must be >= 2, got {self.out_dim}")
+        config.require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        config.require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        config.require(self.n_local >= 0, f"--n-local must be >= 0, got {self.n_local}")
+        config.require(self.perturb_std >= 0, f"--perturb-std must be >= 0, got {self.perturb_std}")
+        config.require(self.out_dim >= 2, f"--out-dim must be >= 2, got {self.out_dim}")
         if self.landmarks == "cnn":
-            C.require(bool(self.landmark_init), "--landmarks cnn needs --landmark-init (a supervised "
-                                                "Part fViT checkpoint); use --landmarks grid without one")
-            C.require(os.path.exists(self.landmark_init), f"--landmark-init: no such file {self.landmark_init}")
+            config.require(bool(self.landmark_init), "--landmarks cnn needs --landmark-init (a supervised "
+                                                     "Part fViT checkpoint); use --landmarks grid without one")
+            config.require(os.path.exists(self.landmark_init),
+                           f"--landmark-init: no such file {self.landmark_init}")
 
     def derived(self) -> list[str]:
         """What the options imply (printed by --print-config as comments)."""
@@ -106,7 +106,7 @@ class PretrainConfig(common.RunConfig):
         except ValueError:
             n = 0
         k = self.local_landmarks or max(1, round(n * 36 / 196))
-        temps = ssl.teacher_temp_schedule(self.warmup_teacher_temp, self.teacher_temp,
+        temps = teacher_temp_schedule(self.warmup_teacher_temp, self.teacher_temp,
                                           self.warmup_teacher_temp_epochs, self.epochs)
         return [f"peak lr = lr x batch_size x world size / 256 = {self.lr:g} x {self.batch_size} x W / 256: "
                 f"{self.lr * self.batch_size / 256:.6g} at W=1, {self.lr * self.batch_size * 2 / 256:.6g} at W=2 "
@@ -128,7 +128,7 @@ class LafsPretrainer(nn.Module):
         # The pretraining backbone has no landmark CNN: landmarks come from a frozen one (or a grid).
         self.student = create_model(cfg.model, landmarks="grid")
         if cfg.fast_dropout:
-            use_philox_dropout(self.student)
+            use_counter_dropout(self.student)
         self.student_head = DINOHead(self.student.dim, cfg.out_dim, hidden_dim=cfg.head_hidden,
                                      bottleneck_dim=cfg.head_bottleneck)
         if cfg.weight_init == "release":
@@ -202,7 +202,7 @@ class LafsPretrainer(nn.Module):
         return [p for m in (self.teacher, self.teacher_head) for p in m.parameters()]
 
 
-def forward_loss(model: nn.Module, dino: "ssl.DINOLoss", v: "views.LafsViews", seed: int,
+def forward_loss(model: nn.Module, dino: "DINOLoss", v: "views.LafsViews", seed: int,
                  generator: torch.Generator, epoch: int, device: torch.device, amp: str,
                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One step's DINO loss (the centre is updated inside). model: the LafsPretrainer, or its DDP
@@ -223,12 +223,12 @@ def update(net: LafsPretrainer, opt: torch.optim.Optimizer, scaler, loss: torch.
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
     gnorm = common.clip_gradients_(student_params, cfg.clip_grad, cfg.clip_mode)
-    ssl.cancel_last_layer_grads(net.student_head, epoch, cfg.freeze_last_layer)
+    cancel_last_layer_grads(net.student_head, epoch, cfg.freeze_last_layer)
     if before_step is not None:
         before_step()
     scaler.step(opt)
     scaler.update()
-    ssl.ema_update_(net.teacher_parameters(), student_params, momentum)
+    ema_update_(net.teacher_parameters(), student_params, momentum)
     return gnorm
 
 
@@ -240,13 +240,33 @@ def make_optimizer(net: LafsPretrainer, device: torch.device) -> torch.optim.Opt
     return common.make_adamw(groups, cfg.lr, device)
 
 
-def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
-    """Pretrain; under torchrun every rank calls this and returns rank 0's result."""
-    with distributed.failure_guard():
-        return _train(cfg, log_prefix)
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class PretrainRun(Run):
+    """A pretraining run: the shared parts (model: the LafsPretrainer), the DINO loss with its
+    centre, the view recipe."""
+    dino_loss: Optional[DINOLoss] = None
+    view_config: Optional[views.ViewConfig] = None
+
+    def save_state(self, epoch: int) -> None:
+        self.write_checkpoint(epoch, net=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                              dino=self.dino_loss.state_dict(), config=dataclasses.asdict(self.cfg),
+                              model_config=self.model.student.config, kind="lafs_pretrain")
+
+    def finish(self) -> dict:
+        """teacher.pt: the backbone finetuning starts from."""
+        final = os.path.join(self.cfg.out_dir, "teacher.pt")
+        save_model(self.model.teacher, final, stage="lafs_teacher")
+        return {"steps": self.step, "final_loss": self.last.get("loss"),
+                "images_per_s": self.last.get("images_per_s", 0.0), "checkpoint": final}
+
+    def done_record(self, result: dict) -> dict:
+        return {**self.last, "checkpoint": result["checkpoint"]}
 
 
-def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
+def build_run(cfg: PretrainConfig, stage: str = "pretrain") -> PretrainRun:
+    """Data, student / teacher / landmark source, DINO loss, optimiser, the lr / weight-decay /
+    momentum schedules, the resumed state, the DDP wrapper."""
     device, amp = common.setup_run(cfg)
     me = distributed.info()
     data = build_train_data(cfg.dataset, cfg.data_path, 0, cfg.seed, cfg.batch_size, cfg.workers,
@@ -254,81 +274,64 @@ def _train(cfg: PretrainConfig, log_prefix: str) -> dict:
     net = LafsPretrainer(cfg).to(device)
     distributed.seed_rank_rngs(cfg.seed)  # weights are equal on every rank; dropout masks must not be
     vcfg = views.ViewConfig(size=net.student.image_size, n_local=cfg.n_local, photometric=cfg.photometric)
-    n_views = vcfg.n_global + cfg.n_local
     # The centre is an EMA of the teacher's mean over the global batch (all-reduced in update_center).
-    dino = ssl.DINOLoss(cfg.out_dim, n_global=vcfg.n_global, n_views=n_views, student_temp=cfg.student_temp,
-                        teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
-                        warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
-                        total_epochs=cfg.epochs).to(device)
+    dino_loss = DINOLoss(cfg.out_dim, n_global=vcfg.n_global, n_views=vcfg.n_global + cfg.n_local,
+                         student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp,
+                         warmup_teacher_temp=cfg.warmup_teacher_temp,
+                         warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+                         total_epochs=cfg.epochs).to(device)
     opt = make_optimizer(net, device)
-    scaler = common.make_grad_scaler(device, amp)
     steps_per_epoch = len(data)
-    total = cfg.epochs * steps_per_epoch
     # The linear lr scaling rule uses the global batch (every rank's images).
-    lr_sched = ssl.lr_schedule(cfg.epochs, steps_per_epoch, data.global_batch, cfg.lr, cfg.min_lr,
-                               warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
-    wd_sched = ssl.weight_decay_schedule(cfg.epochs, steps_per_epoch, cfg.weight_decay, cfg.weight_decay_end)
-    mom_sched = ssl.momentum_schedule(cfg.epochs, steps_per_epoch, cfg.momentum_teacher)
-    ring = common.CheckpointRing(cfg.out_dir, cfg.keep_checkpoints)
-    logger = common.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    schedules = {"lr": lr_schedule(cfg.epochs, steps_per_epoch, data.global_batch, cfg.lr, cfg.min_lr,
+                                   warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2)),
+                 "weight_decay": weight_decay_schedule(cfg.epochs, steps_per_epoch, cfg.weight_decay,
+                                                       cfg.weight_decay_end),
+                 "momentum": momentum_schedule(cfg.epochs, steps_per_epoch, cfg.momentum_teacher)}
     # Views, the local landmark subsets and the perturbation seed come from this rank's own stream
     # (rank 0: the single-process one): LafsPretrainer and views draw per local batch, and the op
     # keys its noise by the row within the rank's batch, so the draws cannot follow the global
     # batch without changes there (see README "Distributed training").
     gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 1, me.rank, stream=2))
-    step, start_epoch = 0, 0
-    if cfg.resume:
-        state = common.load_training_state(ring, data.global_batch, gen, scaler, per_rank_gen=True, seed=cfg.seed)
-        if state:
-            net.load_state_dict(state["net"])
-            opt.load_state_dict(state["optimizer"])
-            dino.load_state_dict(state["dino"])
-            step, start_epoch = state["step"], state["epoch"]
+    run = PretrainRun(cfg=cfg, stage=stage, device=device, amp=amp, data=data, model=net, optimizer=opt,
+                      scaler=common.make_grad_scaler(device, amp), generator=gen, steps_per_epoch=steps_per_epoch,
+                      schedules=schedules, dino_loss=dino_loss, view_config=vcfg)
+    state = run.resume(per_rank_generator=True)
+    if state:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        dino_loss.load_state_dict(state["dino"])
     # Under torchrun: student gradients averaged over ranks; the teacher (no gradients) is the EMA
     # of the unwrapped student, identical on every rank.
-    ddp_net = distributed.wrap_ddp(net)
+    run.ddp_model = distributed.wrap_ddp(net)
+    return run
 
-    def save(epoch):
-        common.save_training_state(ring, step, epoch, steps_per_epoch, data.global_batch, gen, scaler,
-                                   net=net.state_dict(), optimizer=opt.state_dict(), dino=dino.state_dict(),
-                                   config=dataclasses.asdict(cfg), model_config=net.student.config,
-                                   kind="lafs_pretrain")
 
-    bar = progress(total, step, log_prefix, enabled=cfg.progress and me.is_main)
-    t_start, seen, last = time.time(), 0, {}
-    ends = common.LoopEnds(cfg, logger, save, log_prefix, step)
-    for epoch in range(start_epoch, cfg.epochs):
-        for images, _ in data.epoch_batches(epoch, max(0, step - epoch * steps_per_epoch)):
-            x = to_model_input(images.to(device, non_blocking=True))
-            common.set_schedule(opt, float(lr_sched[step]), float(wd_sched[step]))
-            with torch.no_grad():
-                v = views.make_lafs_views(x, vcfg, generator=gen)
-            seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-            loss = forward_loss(ddp_net, dino, v, seed, gen, epoch, device, amp)
-            shown = distributed.all_reduce_mean(loss.detach())  # the global batch's loss
-            ssl.check_finite(shown, step=step, checkpoint=ring.latest())
-            gnorm = update(net, opt, scaler, loss, epoch, float(mom_sched[step]))
-            step += 1
-            seen += x.shape[0] * me.world_size
-            bar.update(1)
-            ips = seen / max(1e-9, time.time() - t_start)
-            bar.set_postfix(loss=f"{shown.item():.3f}", ips=f"{ips:.1f}")
-            last = {"step": step, "epoch": epoch, "loss": shown.item(), "lr": float(lr_sched[step - 1]),
-                    "momentum": float(mom_sched[step - 1]), "grad_norm": float(gnorm), "images_per_s": ips}
-            if ends.after_step(step, epoch, last):
-                bar.close()
-                return {"steps": step, "stopped": True}
-        ends.after_epoch(step, epoch)
-    bar.close()
-    final = os.path.join(cfg.out_dir, "teacher.pt")
-    if me.is_main:
-        save_model(net.teacher, final, stage="lafs_teacher")  # the backbone finetuning starts from
-        logger.log(stage=log_prefix + "_done", **last, checkpoint=final)
-    result = {"steps": step, "final_loss": last.get("loss"), "images_per_s": last.get("images_per_s", 0.0),
-              "checkpoint": final}
-    # Every rank returns rank 0's result, once teacher.pt exists (the next stage reads it).
-    return distributed.broadcast_object(result)
+def train_one_epoch(run: PretrainRun, epoch: int) -> Iterator[dict]:
+    """The steps of one epoch (views, DINO loss, update); yields each step's metrics."""
+    schedule = run.schedules
+    for images, _ in run.data.epoch_batches(epoch, max(0, run.step - epoch * run.steps_per_epoch)):
+        step = run.step
+        x = to_model_input(images.to(run.device, non_blocking=True))
+        common.set_schedule(run.optimizer, float(schedule["lr"][step]), float(schedule["weight_decay"][step]))
+        with torch.no_grad():
+            v = views.make_lafs_views(x, run.view_config, generator=run.generator)
+        seed = int(torch.randint(0, 2**62, (1,), generator=run.generator))
+        loss = forward_loss(run.ddp_model, run.dino_loss, v, seed, run.generator, epoch, run.device, run.amp)
+        shown = distributed.all_reduce_mean(loss.detach())  # the global batch's loss
+        check_finite(shown, step=step, checkpoint=run.ring.latest())
+        gnorm = update(run.model, run.optimizer, run.scaler, loss, epoch, float(schedule["momentum"][step]))
+        run.step += 1
+        run.seen += x.shape[0] * distributed.info().world_size
+        yield {"step": run.step, "epoch": epoch, "loss": shown.item(), "lr": float(schedule["lr"][step]),
+               "momentum": float(schedule["momentum"][step]), "grad_norm": float(gnorm)}
+
+
+def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
+    """Pretrain; under torchrun every rank calls this and returns rank 0's result."""
+    with distributed.failure_guard():
+        return fit(build_run(cfg, log_prefix), train_one_epoch)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    return run(C.parse(PretrainConfig, argv, prog="python -m lafs_fast.train pretrain"))
+    return run(config.parse(PretrainConfig, argv, prog="python -m lafs_fast.train pretrain"))

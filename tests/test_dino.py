@@ -1,4 +1,4 @@
-"""lafs_fast.ssl: DINO loss and centring, schedules, EMA teacher, parameter groups, guards."""
+"""lafs_fast.dino: DINO loss and centring, schedules, EMA teacher, parameter groups, guards."""
 import math
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lafs_fast.ssl import (DINOLoss, NonFiniteLossError, 
+from lafs_fast.dino import (DINOLoss, NonFiniteLossError, 
                            cancel_last_layer_grads, check_finite, cosine_schedule, ema_update_,
                            lr_schedule, momentum_schedule,
                            teacher_temp_schedule, weight_decay_schedule)
@@ -235,3 +235,14 @@ def test_check_finite():
     with pytest.raises(NonFiniteLossError, match="Last checkpoint: /x/ckpt_5.pt"):
         check_finite(torch.tensor([1.0, float("nan")]), checkpoint="/x/ckpt_5.pt")
     assert issubclass(NonFiniteLossError, RuntimeError)
+
+
+def test_the_old_module_name_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    import lafs_fast.dino
+    sys.modules.pop("lafs_fast.ssl", None)
+    with pytest.warns(DeprecationWarning, match="lafs_fast.dino"):
+        old = importlib.import_module("lafs_fast.ssl")
+    assert old.DINOLoss is lafs_fast.dino.DINOLoss and old.__all__ == lafs_fast.dino.__all__

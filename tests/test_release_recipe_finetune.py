@@ -212,6 +212,40 @@ def model_and_head_names():
     return list(model.named_parameters()) + list(head.named_parameters(prefix="head"))
 
 
+def test_layer_wise_lr_decay_scales_each_layers_first_step():
+    """--layer-decay 0.5 (BEiT's rule, which the release computes but never applies): block i of a
+    depth-D ViT trains at lr x 0.5^(D - i), the token embedding, the tokens and the landmark CNN at
+    lr x 0.5^(D + 1), the final norm and the head at lr. Seen in the
+    weights: without weight decay, AdamW's first step moves every entry by lr_group x g / (|g| +
+    1e-8), i.e. by lr_group to 1e-5 where |g| >= 0.5."""
+    depth, lr = 4, 1e-3
+    cfg = finetune.FinetuneConfig(layer_decay=0.5, weight_decay=0.0, cnn_weight_decay=0.0,
+                                  cnn_head_weight_decay=0.0, decay_tokens=True, clip_grad=0.0)
+    model, head = _model_and_head()
+    assert len(model.transformer.blocks) == depth
+    named = list(model.named_parameters()) + list(head.named_parameters(prefix="head"))
+    start = {n: p.detach().clone() for n, p in named}
+    opt = common.make_adamw(finetune.make_param_groups(cfg, model, head), lr, torch.device("cpu"))
+    common.set_schedule(opt, lr)
+    g = torch.Generator().manual_seed(0)
+    for _, p in named:  # gradients well away from AdamW's eps, of either sign
+        p.grad = (torch.rand(p.shape, generator=g) + 0.5) * (torch.randint(0, 2, p.shape, generator=g) * 2 - 1)
+    opt.step()
+
+    def expected(name):
+        if name.startswith(("landmark_cnn.", "patch_embed.", "cls_token", "pos_embedding")):
+            return 0.5 ** (depth + 1)
+        if name.startswith("transformer.blocks."):
+            return 0.5 ** (depth - int(name.split(".")[2]))
+        return 1.0  # norm, head
+
+    assert {expected(n) for n, _ in named} == {1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0}
+    for name, p in named:  # to 1e-5, + the float32 rounding of the weights (2 ulp of |w|)
+        err = ((p.detach() - start[name]).abs() - lr * expected(name)).abs()
+        allowed = 1e-5 * lr * expected(name) + 2.0 ** -22 * start[name].abs()
+        assert (err <= allowed).all(), (name, err.max().item(), lr * expected(name))
+
+
 def test_accumulation_counts_optimiser_steps_and_resumes_exactly(tmp_path):
     kw = dict(dataset="synthetic", partition=0.25, batch_size=2, accum_steps=3, epochs=2, warmup_epochs=0.5,
               eval=False, progress=False, device="cpu", log_every=1, fast_dropout=False, mixup_prob=0.5)

@@ -188,6 +188,7 @@ def test_accumulating_three_micro_batches_equals_one_step_on_their_concatenation
         grads = [p.grad.clone() for p in params]
         finetune.optimizer_step(cfg, opt, scaler, params)
         runs.append((total, grads, [p.detach().clone() for p in params], opt, params))
+    names = [n for n, _ in list(model.named_parameters()) + list(head.named_parameters(prefix="head"))]
     (l3, g3, w3, _, _), (l1, g1, w1, opt1, params1) = runs
     assert math.isclose(l3, l1, rel_tol=1e-6)
     # float32: three partial means vs one mean over 12, and convolutions run at other batch sizes
@@ -202,14 +203,8 @@ def test_accumulating_three_micro_batches_equals_one_step_on_their_concatenation
     drift = AdamWDrift()
     drift.step(opt1, {i: (p, b, a, 1e-4 * b.abs() + 1e-5 * b.abs().max()) for i, (p, a, b) in
                       enumerate(zip(params1, g3, g1))})
-    names = [n for n, _ in model_and_head_names()]
     for i, (a, b) in enumerate(zip(w3, w1)):
         assert_weights_within(a, b, drift.tolerance(i), names[i])
-
-
-def model_and_head_names():
-    model, head = _model_and_head()
-    return list(model.named_parameters()) + list(head.named_parameters(prefix="head"))
 
 
 def test_layer_wise_lr_decay_scales_each_layers_first_step():

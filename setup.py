@@ -50,6 +50,8 @@ def decide_cuda(torch_cuda, cuda_home):
         problems.append("the installed torch has no CUDA (torch.version.cuda is None)")
     if not cuda_home:
         problems.append("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
+    elif not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
+        problems.append(f"CUDA_HOME={cuda_home} holds no bin/nvcc (set it to the CUDA toolkit's folder)")
     if problems:
         if wanted == "1":
             raise SystemExit("LAFS_FAST_CUDA=1 but the CUDA build is impossible: " + "; ".join(problems))

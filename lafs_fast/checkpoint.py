@@ -66,9 +66,9 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def _numpy_state_globals() -> list:
-    """What a training checkpoint's numpy random state (a uint32 array) unpickles through, so that
-    `--landmark-init` / `--init` accept a step-*.pt under weights_only loading: plain arrays and
-    dtypes only, no arbitrary code."""
+    """What an older training checkpoint's numpy random state (a uint32 array) unpickles through,
+    so that `--resume`, `--landmark-init` and `--init` accept a step-*.pt written before the states
+    were stored as plain lists: plain arrays and dtypes only, no arbitrary code."""
     import numpy as np
     try:
         from numpy._core.multiarray import _reconstruct
@@ -77,18 +77,34 @@ def _numpy_state_globals() -> list:
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _read_error(path: str, e: Exception) -> CheckpointError:
+    """One line for a file torch.load could not read: a pickle that would call code it is not
+    allowed to (refused: nothing of it ran), or a truncated / corrupt file."""
+    text = str(e)
+    refused = _REFUSED_GLOBAL.search(text) if "Weights only load failed" in text else None
+    if refused:
+        return CheckpointError(f"cannot read checkpoint {path}: refused, loading it would call "
+                               f"{refused.group(1)} (code, not data: lafs_fast and release checkpoints "
+                               "hold only tensors and plain values)")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return CheckpointError(f"cannot read checkpoint {path} ({os.path.getsize(path)} bytes): it is truncated, "
+                           f"corrupt or not a torch checkpoint ({type(e).__name__}: {first})")
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
-    """torch.load with weights_only=True (argparse.Namespace allowed: DINO saves its args);
-    a clear CheckpointError for missing, truncated or corrupt files."""
+    """torch.load with weights_only=True (argparse.Namespace allowed: DINO saves its args; numpy
+    arrays: older training checkpoints' random states); a clear one-line CheckpointError for
+    missing, truncated or corrupt files and for a pickle that would run code."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *_numpy_state_globals()]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        size = os.path.getsize(path)
-        raise CheckpointError(f"cannot read checkpoint {path} ({size} bytes): it is truncated, "
-                              f"corrupt or not a torch checkpoint ({type(e).__name__}: {e})") from e
+        raise _read_error(path, e) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return obj

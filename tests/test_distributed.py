@@ -229,3 +229,47 @@ def test_world2_matches_world1_and_a_failing_rank_ends_the_run(tmp_path, one_thr
     s = final_state(tmp_path / "pt_w1")
     assert (s["net"]["student.patch_embed.weight"] - s["net"]["teacher.patch_embed.weight"]).abs().max() > 1e-4
     assert s["dino"]["center"].abs().max() > 0
+
+
+# A rank that hangs instead of dying (alive, its sockets open) is only found by the timeout:
+# --dist-timeout must bound the collective its peers wait in.
+HANG_TIMEOUT_S = 4
+
+
+def hanging_worker(rank, world, port, root):
+    """Finetuning on 2 ranks in which rank 1 stops at its first step without dying (it sleeps);
+    rank 0 writes the error that ended it and the time, rank 1 the time it stopped."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    patch(setattr)
+    if rank == 1:
+        def hang(*a, **kw):
+            with open(f"{root}/hung.txt", "w") as f:
+                f.write(str(time.time()))
+            time.sleep(600)
+        finetune.augment = hang
+    try:
+        finetune.run(dataclasses.replace(ft_config(f"{root}/hang", B), dist_timeout=HANG_TIMEOUT_S))
+    except Exception as e:
+        with open(f"{root}/error{rank}.txt", "w") as f:
+            json.dump({"time": time.time(), "error": f"{type(e).__name__}: {e}"}, f)
+        raise
+
+
+def test_a_hanging_rank_fails_its_peer_after_dist_timeout(tmp_path, one_thread):
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=hanging_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        procs[0].join(HANG_TIMEOUT_S + 120)
+        assert not procs[0].is_alive(), "rank 0 waited for the hanging rank beyond --dist-timeout"
+        assert procs[0].exitcode != 0 and procs[1].is_alive()  # rank 1 still hangs
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(10)
+    failed = json.loads((tmp_path / "error0.txt").read_text())
+    waited = failed["time"] - float((tmp_path / "hung.txt").read_text())
+    assert HANG_TIMEOUT_S - 1 <= waited < HANG_TIMEOUT_S + 30, (waited, failed["error"])

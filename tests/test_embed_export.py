@@ -20,6 +20,7 @@ from lafs_fast.data.recordio import write_recordio
 from lafs_fast.eval import embed_with_flip
 from lafs_fast.eval.bin_reader import write_bin
 from lafs_fast.models import create_model
+from conftest import require_optional
 
 S = 112
 
@@ -144,7 +145,8 @@ def test_grid_sample_patches_is_the_patch_op():
 
 
 def test_onnx_export_matches_pytorch(model_file, tmp_path):
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (requirements-test.txt has it)")
+    require_optional("onnx")
+    ort = require_optional("onnxruntime")
     path, model = model_file
     out = str(tmp_path / "model.onnx")
     assert export.main(["--checkpoint", path, "--out", out, "--landmarks-output"]) == 0
@@ -164,3 +166,13 @@ def test_onnx_export_matches_pytorch(model_file, tmp_path):
     assert m.opset_import[0].version >= 16
     assert sum(n.op_type == "GridSample" for n in m.graph.node) == 1
     assert export.main(["--checkpoint", path, "--out", out, "--opset", "15"]) == 2
+
+
+def test_a_missing_optional_dependency_skips_but_fails_under_ci(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no_such_test_dependency is not installed"):
+        require_optional("no_such_test_dependency")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: a missing test dependency fails"):
+        require_optional("no_such_test_dependency")
+    assert require_optional("numpy") is np

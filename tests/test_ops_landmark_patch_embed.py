@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lafs_fast import ops, reference
+from conftest import require_optional
 from tolerances import GRADCHECK_NONDET_TOL, assert_close, forward_tol, grad_tol
 
 HAS_CUDA = torch.cuda.is_available()
@@ -28,7 +29,7 @@ def needs(backend):
     if backend in ("cpu", "cuda") and not ops.has_kernel("landmark_patch_embed", backend.upper()):
         pytest.fail(f"lafs_fast._C has no {backend} kernel ({ops.EXTENSION_STATUS})")
     if backend == "triton":
-        pytest.importorskip("triton")
+        require_optional("triton")
 
 
 def make_case(B=2, C=3, H=13, W=11, N=5, P=4, D=7, dtype=torch.float32, device="cpu", seed=0,
@@ -369,7 +370,7 @@ SM90_DTYPES = ["fp32", "bf16", "fp16", "fp64"]
 def sm90_compiles():
     """One subprocess (outside the interpreter) compiles every kernel for sm_90 in each dtype's
     specialisation: dtype -> sorted kernel names, or the error."""
-    pytest.importorskip("triton")
+    require_optional("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, traceback\n"
             "from lafs_fast.kernels import compile_all_for_sm90 as c\n"
@@ -398,7 +399,7 @@ def test_triton_kernels_compile_for_sm90(dtype, sm90_compiles):
 def test_triton_launches_are_device_guarded():
     """Triton launches on the current CUDA device: every launch goes through _launch, which
     enters the tensors' device first (a no-op context on CPU)."""
-    pytest.importorskip("triton")
+    require_optional("triton")
     from lafs_fast.kernels import landmark_patch_embed as tk
     guard = tk._device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1

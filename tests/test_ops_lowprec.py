@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lafs_fast import ops, reference
+from conftest import require_optional
 from test_ops_landmark_patch_embed import device_of, make_case, needs
 from tolerances import LOWPREC_UNIT, assert_close, grad_tol, lowprec_grad_tol
 
@@ -79,7 +80,7 @@ def test_low_precision_gradients_index_and_noise(backend, dtype):
 def test_backends_agree_with_each_other(dtype):
     """reference (low dtype), cpu and Triton: pairwise within twice the oracle tolerance."""
     needs("cpu")
-    pytest.importorskip("triton")
+    require_optional("triton")
     got = {b: _grads(b, dtype, CASES["small"])[0] for b in ("reference", "cpu", "triton")}
     for name, i in (("images", 0), ("bias", 3)):
         a = got["reference"][i].grad.cpu()

@@ -450,6 +450,7 @@ def test_shard_checkpoints_reshard_to_any_world_size(tmp_path):
         opt = torch.optim.AdamW(h.parameters(), lr=0.1)
         h.weight.grad = G[h.lo:h.hi].clone()
         opt.step()
+        h.sample_step.fill_(7)  # 7 steps drew class samples: a resume continues the stream there
         layout, opt_sd = checkpoint_parts(h, opt, path)
         assert opt_sd["state"] == {}  # the moments live in the shard files
         if r == 0:
@@ -466,7 +467,29 @@ def test_shard_checkpoints_reshard_to_any_world_size(tmp_path):
         torch.testing.assert_close(st["exp_avg"], ref_opt.state[full]["exp_avg"][lo:hi], rtol=0, atol=0)
         torch.testing.assert_close(st["exp_avg_sq"], ref_opt.state[full]["exp_avg_sq"][lo:hi], rtol=0, atol=0)
         assert float(st["step"]) == 1
+        if isinstance(h, PartialFC):
+            assert int(h.sample_step) == 7
     # a head of another class count is refused
     h12 = PartialFC(D, 12)
     with pytest.raises(ValueError, match="11 classes, this run has 12"):
         load_head(state, path, h12, torch.optim.AdamW(h12.parameters()))
+
+
+def test_a_shard_that_would_run_code_is_refused(tmp_path):
+    """A Partial FC shard file whose pickle calls a function (here: creates a file) is refused on
+    resume with one line naming it, and nothing of it runs."""
+    from hostile import plant
+    from lafs_fast.checkpoint import CheckpointError
+    from lafs_fast.models.partial_fc import checkpoint_parts, load_head, shard_path
+    head = PartialFC(D, C, rank=0, world_size=1)
+    opt = torch.optim.AdamW(head.parameters(), lr=0.1)
+    path = str(tmp_path / "step-00000001.pt")
+    layout, opt_sd = checkpoint_parts(head, opt, path)
+    state = {"head": layout, "optimizer": opt_sd}
+    shard, marker = shard_path(path, 0, 1), tmp_path / "code-ran"
+    plant(shard, marker, format="lafs_fast.partial_fc_shard", lo=0, hi=C)
+    with pytest.raises(CheckpointError) as e:
+        load_head(state, path, head, opt)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and shard in msg and "refused, loading it would call" in msg, msg
+    assert not marker.exists()

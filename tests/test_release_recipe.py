@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lafs_fast import config as C
 from lafs_fast import dino
@@ -267,3 +268,72 @@ def test_pretrain_runs_with_the_release_switches(tmp_path):
     cfg.validate()
     res = pretrain.run(cfg)
     assert res["steps"] == 3 and res["stopped"]
+
+
+# ----------------------------------------------------------------------------- the loop's wiring
+def _dino_cosine(base, final, epochs, niter, warmup_epochs=0.0):
+    """DINO's utils.cosine_scheduler, re-stated: linear warm-up from 0, then a cosine to final."""
+    warm = np.linspace(0, base, int(warmup_epochs * niter))
+    it = np.arange(epochs * niter - len(warm))
+    return np.concatenate((warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * it / len(it)))))
+
+
+def test_pretrain_loop_hands_each_step_its_schedules_temperature_and_a_training_teacher(tmp_path, monkeypatch):
+    """What pretrain.run gives every step, seen where it is used: lr and weight decay on the
+    optimizer's groups when AdamW steps, the EMA momentum, the teacher temperature of the epoch
+    (the --warmup-teacher-temp ramp), the student temperature, and both networks in train mode
+    (the release never puts the teacher in eval: its dropout and drop-path stay active).
+    Expected values from DINO's formulas, not from lafs_fast.ssl. Every value differs from its
+    default and the lr warm-up (3 epochs) is cut to half the run (2 of 4)."""
+    cfg = pretrain.PretrainConfig(dataset="synthetic", batch_size=24, threads=1, progress=False, device="cpu",
+                                  landmarks="grid", epochs=4, n_local=1, out_dim=64, head_hidden=32,
+                                  head_bottleneck=16, lr=4e-3, min_lr=1e-4, warmup_epochs=3.0,
+                                  weight_decay=0.03, weight_decay_end=0.3, momentum_teacher=0.99,
+                                  teacher_temp=0.05, warmup_teacher_temp=0.08, warmup_teacher_temp_epochs=3,
+                                  student_temp=0.2, log_every=100, out_dir=str(tmp_path))
+    seen = {"groups": [], "momentum": [], "temp": [], "student_temp": [], "train_mode": []}
+
+    def before_adamw(opt, args, kwargs):
+        seen["groups"].append([(g["lr"], g["weight_decay"], g["base_weight_decay"]) for g in opt.param_groups])
+
+    real_ema, real_temp, real_forward = ssl.ema_update_, ssl.DINOLoss.teacher_temp, pretrain.LafsPretrainer.forward
+
+    def ema(teacher, student, momentum):
+        seen["momentum"].append(float(momentum))
+        return real_ema(teacher, student, momentum)
+
+    def temp(self, epoch):
+        seen["temp"].append((int(epoch), real_temp(self, epoch)))
+        seen["student_temp"].append(self.student_temp)
+        return real_temp(self, epoch)
+
+    def forward(self, *args, **kw):
+        nets = (self.student, self.student_head, self.teacher, self.teacher_head)
+        seen["train_mode"].append(all(m.training for net in nets for m in net.modules()))
+        return real_forward(self, *args, **kw)
+
+    monkeypatch.setattr(ssl, "ema_update_", ema)
+    monkeypatch.setattr(ssl.DINOLoss, "teacher_temp", temp)
+    monkeypatch.setattr(pretrain.LafsPretrainer, "forward", forward)
+    handle = register_optimizer_step_pre_hook(before_adamw)
+    threads = torch.get_num_threads()
+    try:
+        res = pretrain.run(cfg)
+    finally:
+        handle.remove()
+        torch.set_num_threads(threads)
+    spe, total = 2, 8  # 48 synthetic faces / 24 per step, 4 epochs
+    assert res["steps"] == total and len(seen["groups"]) == len(seen["momentum"]) == total
+    lr = _dino_cosine(4e-3 * 24 / 256, 1e-4, 4, spe, warmup_epochs=2)
+    wd = _dino_cosine(0.03, 0.3, 4, spe)
+    momentum = _dino_cosine(0.99, 1.0, 4, spe)
+    temps = [0.08, 0.065, 0.05, 0.05]  # linspace(0.08, 0.05, 3), then 0.05
+    for step, groups in enumerate(seen["groups"]):
+        assert all(g[0] == pytest.approx(lr[step], rel=1e-9) for g in groups), step
+        assert all(g[1] == (pytest.approx(wd[step], rel=1e-9) if g[2] > 0 else 0.0) for g in groups), step
+        assert any(g[2] > 0 for g in groups) and any(g[2] == 0 for g in groups)
+    np.testing.assert_allclose(seen["momentum"], momentum, rtol=1e-12)
+    assert [e for e, _ in seen["temp"]] == [s // spe for s in range(total)]
+    np.testing.assert_allclose([t for _, t in seen["temp"]], [temps[s // spe] for s in range(total)], rtol=1e-12)
+    assert set(seen["student_temp"]) == {0.2}
+    assert len(seen["train_mode"]) == total and all(seen["train_mode"])

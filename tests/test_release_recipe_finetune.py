@@ -23,6 +23,7 @@ from lafs_fast.eval import write_bin
 from lafs_fast.eval.validator import Validator
 from lafs_fast.train import common, finetune
 from lafs_fast.train.data_setup import TrainData, build_train_data, open_dataset
+from tolerances import AdamWDrift, assert_weights_within
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["part_fvit_webface4m", "lafs_finetune_1shot", "lafs_finetune_2shot", "lafs_finetune_full"]
@@ -187,8 +188,9 @@ def test_accumulating_three_micro_batches_equals_one_step_on_their_concatenation
             total += loss.item() / chunks
         grads = [p.grad.clone() for p in params]
         finetune.optimizer_step(cfg, opt, scaler, params)
-        runs.append((total, grads, [p.detach().clone() for p in params]))
-    (l3, g3, w3), (l1, g1, w1) = runs
+        runs.append((total, grads, [p.detach().clone() for p in params], opt, params))
+    names = [n for n, _ in list(model.named_parameters()) + list(head.named_parameters(prefix="head"))]
+    (l3, g3, w3, _, _), (l1, g1, w1, opt1, params1) = runs
     assert math.isclose(l3, l1, rel_tol=1e-6)
     # float32: three partial means vs one mean over 12, and convolutions run at other batch sizes
     # (other blockings): rounding only, judged against each tensor's own scale (the landmark CNN's
@@ -197,8 +199,47 @@ def test_accumulating_three_micro_batches_equals_one_step_on_their_concatenation
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
     start = list(_model_and_head()[0].parameters())
     assert all(not torch.equal(a, b) for a, b in zip(w1, start))  # every tensor of the model moved
-    for a, b in zip(w3, w1):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # The weights: as far apart as AdamW makes the gradients' rounding differences, and no further
+    # (tolerances.AdamWDrift: a near-zero gradient's rounding can move its entry by up to 2 lr).
+    drift = AdamWDrift()
+    drift.step(opt1, {i: (p, b, a, 1e-4 * b.abs() + 1e-5 * b.abs().max()) for i, (p, a, b) in
+                      enumerate(zip(params1, g3, g1))})
+    for i, (a, b) in enumerate(zip(w3, w1)):
+        assert_weights_within(a, b, drift.tolerance(i), names[i])
+
+
+def test_layer_wise_lr_decay_scales_each_layers_first_step():
+    """--layer-decay 0.5 (BEiT's rule, which the release computes but never applies): block i of a
+    depth-D ViT trains at lr x 0.5^(D - i), the token embedding, the tokens and the landmark CNN at
+    lr x 0.5^(D + 1), the final norm and the head at lr. Seen in the
+    weights: without weight decay, AdamW's first step moves every entry by lr_group x g / (|g| +
+    1e-8), i.e. by lr_group to 1e-5 where |g| >= 0.5."""
+    depth, lr = 4, 1e-3
+    cfg = finetune.FinetuneConfig(layer_decay=0.5, weight_decay=0.0, cnn_weight_decay=0.0,
+                                  cnn_head_weight_decay=0.0, decay_tokens=True, clip_grad=0.0)
+    model, head = _model_and_head()
+    assert len(model.transformer.blocks) == depth
+    named = list(model.named_parameters()) + list(head.named_parameters(prefix="head"))
+    start = {n: p.detach().clone() for n, p in named}
+    opt = common.make_adamw(finetune.make_param_groups(cfg, model, head), lr, torch.device("cpu"))
+    common.set_schedule(opt, lr)
+    g = torch.Generator().manual_seed(0)
+    for _, p in named:  # gradients well away from AdamW's eps, of either sign
+        p.grad = (torch.rand(p.shape, generator=g) + 0.5) * (torch.randint(0, 2, p.shape, generator=g) * 2 - 1)
+    opt.step()
+
+    def expected(name):
+        if name.startswith(("landmark_cnn.", "patch_embed.", "cls_token", "pos_embedding")):
+            return 0.5 ** (depth + 1)
+        if name.startswith("transformer.blocks."):
+            return 0.5 ** (depth - int(name.split(".")[2]))
+        return 1.0  # norm, head
+
+    assert {expected(n) for n, _ in named} == {1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0}
+    for name, p in named:  # to 1e-5, + the float32 rounding of the weights (2 ulp of |w|)
+        err = ((p.detach() - start[name]).abs() - lr * expected(name)).abs()
+        allowed = 1e-5 * lr * expected(name) + 2.0 ** -22 * start[name].abs()
+        assert (err <= allowed).all(), (name, err.max().item(), lr * expected(name))
 
 
 def test_accumulation_counts_optimiser_steps_and_resumes_exactly(tmp_path):

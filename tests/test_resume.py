@@ -130,3 +130,46 @@ def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp
     with pytest.warns(UserWarning, match="written by 2 ranks, this run has 1.*per-rank random streams restart"):
         res = cli_main([*args, "--resume", "true", "--stop-after", "2"])
     assert res["stopped"] and latest(tmp_path)["step"] == 2   # continued from step 1
+
+
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_resume_refuses_a_checkpoint_that_would_run_code(kind, tmp_path, restore_threads):
+    """A step-*.pt planted in the out-dir whose pickle calls a function (here: creates a file) is
+    refused by --resume with one line naming it, and nothing of it runs."""
+    from hostile import plant
+    from lafs_fast.train.__main__ import main as cli_main
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    out.mkdir()
+    planted = out / "step-00000009.pt"
+    plant(planted, marker, step=9, global_batch=16)
+    with pytest.raises(SystemExit) as e:
+        cli_main([kind, *COMMON, *ARGS[kind], "--out-dir", str(out), "--resume", "true"])
+    msg = str(e.value.code)
+    assert len(msg.splitlines()) == 1, msg
+    assert str(planted) in msg and "refused, loading it would call" in msg, msg
+    assert not marker.exists()  # the planted code did not run
+    assert sorted(os.listdir(out)) == ["step-00000009.pt"]  # nor did the run
+
+
+def test_random_states_are_plain_data_and_older_array_states_still_resume(tmp_path):
+    """rng_state() holds numpy's key as a list (the checkpoint loads weights-only without numpy
+    types); an older checkpoint's array key restores the same streams."""
+    import random
+    import numpy as np
+    from lafs_fast.checkpoint import load_checkpoint, save_checkpoint
+    from lafs_fast.train import common
+    gen = torch.Generator().manual_seed(3)
+    common.seed_everything(5)
+    state = common.rng_state(gen)
+    assert isinstance(state["numpy"][1], list)
+    want = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    older = {**state, "numpy": (state["numpy"][0], np.asarray(state["numpy"][1], dtype=np.uint32),
+                                *state["numpy"][2:])}
+    for name, st in (("new", state), ("older", older)):
+        save_checkpoint(str(tmp_path / f"{name}.pt"), {"rng": st})
+        common.seed_everything(0)
+        if name == "new":  # plain data: torch's own weights-only rules suffice, no numpy types allowed
+            torch.load(tmp_path / "new.pt", weights_only=True)
+        common.set_rng_state(load_checkpoint(str(tmp_path / f"{name}.pt"))["rng"], gen)
+        got = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+        assert got == want, name

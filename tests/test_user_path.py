@@ -19,12 +19,18 @@ COMPILED_DIR = lafs_fast.COMPILED_FROM or PACKAGE_DIR
 needs_c = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="lafs_fast._C is not built here")
 
 
+STALE_BUILD = "a stale build of the source tree"
+
+
 def source_tree_copy(root, with_broken_c=False):
-    """A copy of the package's Python files alone: what the repository root holds after a
-    non-editable install (no _C). `with_broken_c` adds a _C that cannot be loaded."""
+    """A copy of the package's Python files: what the repository root holds after a non-editable
+    install (no _C, and the _build_info.py that setup.py wrote there, here one that describes
+    another build). `with_broken_c` adds a _C that cannot be loaded."""
     src = root / "src"
     shutil.copytree(PACKAGE_DIR, src / "lafs_fast",
                     ignore=shutil.ignore_patterns("_C.*", "__pycache__", "_build_info.py"))
+    (src / "lafs_fast" / "_build_info.py").write_text(
+        f"BUILD_INFO = {{'torch_version': '0.0', 'with_cuda': True, 'cuda_decision': {STALE_BUILD!r}}}\n")
     if with_broken_c:
         (src / "lafs_fast" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"not an ELF file")
         shutil.copy(os.path.join(COMPILED_DIR, "_build_info.py"), src / "lafs_fast" / "_build_info.py")
@@ -52,6 +58,10 @@ def test_source_tree_without_c_adopts_the_installed_build(tmp_path):
     assert any(line.split() == ["cpu", "usable"] for line in lines), res.stdout
     assert f"package            {src / 'lafs_fast'}" in res.stdout  # the source tree's Python ...
     assert f"compiled_from      {installed / 'lafs_fast'}" in res.stdout  # ... the installed _C
+    # ... described by the installed _build_info, not by the source tree's own
+    from lafs_fast._build_info import BUILD_INFO
+    assert STALE_BUILD not in res.stdout, res.stdout
+    assert any(line.split() == ["cuda_decision", *BUILD_INFO["cuda_decision"].split()] for line in lines), res.stdout
     assert any(line.split()[:2] == ["cpu", "tensors"] and line.split()[-1] == "cpu" for line in lines)
 
 

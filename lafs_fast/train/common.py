@@ -256,8 +256,11 @@ class CheckpointRing:
 
 
 def rng_state(gen: Optional[torch.Generator] = None) -> dict:
-    """Every random stream of this process: python, numpy, torch CPU (+ CUDA), the run's generator."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random stream of this process: python, numpy, torch CPU (+ CUDA), the run's generator.
+    Plain data only (numpy's key as a list of ints), so that a checkpoint loads weights-only."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, key.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if gen is not None:
@@ -267,7 +270,8 @@ def rng_state(gen: Optional[torch.Generator] = None) -> dict:
 
 def set_rng_state(state: dict, gen: Optional[torch.Generator] = None) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]  # key: a list, or an array (older checkpoints)
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -298,12 +302,11 @@ def load_training_state(ring: CheckpointRing, global_batch: int, gen: torch.Gene
     path = distributed.broadcast_object(ring.latest())
     if not path:
         return None
-    from ..checkpoint import CheckpointError
-    try:  # our own file (RNG states need full unpickling); the ring never holds a torn one
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} to resume ({type(e).__name__}: {e}); move it away "
-                              "to resume from the checkpoint before it") from e
+    from ..checkpoint import CheckpointError, load_checkpoint
+    try:  # weights-only like every load: a step-*.pt planted in out_dir cannot run code
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; move it away to resume from the checkpoint before it") from e
     if state.get("global_batch", global_batch) != global_batch:
         raise ValueError(f"{path} was written with a global batch of {state['global_batch']} images "
                          f"(--batch-size x world size), this run has {global_batch}: the data order "

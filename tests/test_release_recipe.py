@@ -283,7 +283,7 @@ def test_pretrain_loop_hands_each_step_its_schedules_temperature_and_a_training_
     optimizer's groups when AdamW steps, the EMA momentum, the teacher temperature of the epoch
     (the --warmup-teacher-temp ramp), the student temperature, and both networks in train mode
     (the release never puts the teacher in eval: its dropout and drop-path stay active).
-    Expected values from DINO's formulas, not from lafs_fast.ssl. Every value differs from its
+    Expected values from DINO's formulas, not from lafs_fast.dino. Every value differs from its
     default and the lr warm-up (3 epochs) is cut to half the run (2 of 4)."""
     cfg = pretrain.PretrainConfig(dataset="synthetic", batch_size=24, threads=1, progress=False, device="cpu",
                                   landmarks="grid", epochs=4, n_local=1, out_dim=64, head_hidden=32,
@@ -296,7 +296,7 @@ def test_pretrain_loop_hands_each_step_its_schedules_temperature_and_a_training_
     def before_adamw(opt, args, kwargs):
         seen["groups"].append([(g["lr"], g["weight_decay"], g["base_weight_decay"]) for g in opt.param_groups])
 
-    real_ema, real_temp, real_forward = ssl.ema_update_, ssl.DINOLoss.teacher_temp, pretrain.LafsPretrainer.forward
+    real_ema, real_temp, real_forward = pretrain.ema_update_, dino.DINOLoss.teacher_temp, pretrain.LafsPretrainer.forward
 
     def ema(teacher, student, momentum):
         seen["momentum"].append(float(momentum))
@@ -312,8 +312,8 @@ def test_pretrain_loop_hands_each_step_its_schedules_temperature_and_a_training_
         seen["train_mode"].append(all(m.training for net in nets for m in net.modules()))
         return real_forward(self, *args, **kw)
 
-    monkeypatch.setattr(ssl, "ema_update_", ema)
-    monkeypatch.setattr(ssl.DINOLoss, "teacher_temp", temp)
+    monkeypatch.setattr(pretrain, "ema_update_", ema)  # the name the loop calls
+    monkeypatch.setattr(dino.DINOLoss, "teacher_temp", temp)
     monkeypatch.setattr(pretrain.LafsPretrainer, "forward", forward)
     handle = register_optimizer_step_pre_hook(before_adamw)
     threads = torch.get_num_threads()

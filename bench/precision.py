@@ -128,9 +128,12 @@ def amp_ctx(amp):
     return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
 
-def part_timers(args, net):
-    """Each precision choice's part alone: the CNN on all views' clean copies, the last layer."""
+def part_timers(args):
+    """Each precision choice's part alone, on a path of its own: the frozen CNN on all views'
+    clean copies, the DINO head forward + backward."""
     import step_paths as SP
+    SP.seed_all(args.seed)
+    net = SP.make_setup(args.model, args.batch, args.n_local, args.out_dim, seed=args.seed)[0]
     runner = SP.StepRunner("fused", SP.face_bytes(args.batch, args.seed), views.ViewConfig(n_local=args.n_local),
                            False, "cpu", args.seed)
     clean = torch.cat([runner.cached.clean_global, runner.cached.clean_local])
@@ -161,7 +164,7 @@ def part_timers(args, net):
 
 def time_steps(args):
     paths = step_paths(args)
-    parts = part_timers(args, paths["fp32"][0])
+    parts = part_timers(args)
     timers = {name: (lambda p=p: p[3](p[0], p[1], p[2], amp_ctx(p[4]))) for name, p in paths.items()}
     timers.update(parts)
     names = list(timers)

@@ -12,7 +12,7 @@ from lafs_fast.checkpoint import load_checkpoint
 from lafs_fast.data import synthetic_faces
 from lafs_fast.data.image_folder import encode_image
 from lafs_fast.train import finetune
-from lafs_fast.train.data_setup import build_train_data, label_space_size
+from lafs_fast.train.data_setup import TrainData, build_train_data, label_space_size
 
 IDENTITIES, PER_IDENTITY = 50, 2
 
@@ -44,11 +44,14 @@ def test_relabel_subset_is_the_option_that_renumbers(fifty_identities):
     data = build_train_data("folder", fifty_identities, 0, seed=0, batch_size=4, workers=0, partition=0.2,
                             relabel_subset=True)
     assert data.num_classes == 10
-    # identities 0..9 are the first ten, so renumbering keeps their order
-    assert np.array_equal(data.targets, data.labels.numpy()[data.indices])
-    late = build_train_data("folder", fifty_identities, 0, seed=0, batch_size=4, workers=0, partition=1.0,
-                            relabel_subset=True)
-    assert late.num_classes == IDENTITIES
+    # the last ten identities: kept as 40..49 of a 50-way head, or renumbered 0..9
+    ds = data.dataset
+    last = np.flatnonzero(data.labels.numpy() >= 40)
+    kept = TrainData(ds, 4, seed=0, workers=0, subset=last)
+    assert kept.num_classes == IDENTITIES and sorted(set(kept.targets.tolist())) == list(range(40, 50))
+    renumbered = TrainData(ds, 4, seed=0, workers=0, subset=last, relabel_subset=True)
+    assert renumbered.num_classes == 10
+    assert np.array_equal(renumbered.targets, data.labels.numpy()[last] - 40)
 
 
 def test_fewshot_subset_keeps_the_label_space_and_num_classes_widens_it(fifty_identities):

@@ -92,11 +92,12 @@ def test_print_config_shows_every_resolved_option_and_where_it_came_from(tmp_pat
     assert yaml.safe_load(out) == dataclasses.asdict(resolved)
 
 
-def test_the_k_shot_release_configs_differ_from_the_full_one_in_data_and_validation_only():
+def test_the_k_shot_release_configs_differ_from_the_full_one_in_data_label_space_and_validation_only():
     full = dataclasses.asdict(config.parse(finetune.FinetuneConfig, ["--config", f"{RELEASE}/lafs_finetune_full.yaml"]))
     for k, val_every in ((1, 85), (2, 171)):
         path = f"{RELEASE}/lafs_finetune_{k}shot.yaml"
         assert yaml.safe_load(open(path))["base"] == "lafs_finetune_full.yaml"
         shot = dataclasses.asdict(config.parse(finetune.FinetuneConfig, ["--config", path]))
-        assert {key for key in full if full[key] != shot[key]} == {"data_path", "val_every"}
+        assert {key for key in full if full[key] != shot[key]} == {"data_path", "val_every", "num_classes"}
         assert (shot["data_path"], shot["val_every"]) == (f"/data/webface4m_{k}shot/train", val_every)
+        assert shot["num_classes"] == 205990  # the full label space, whatever identities the file holds

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .precision import float32_region
+
 
 def _target_mask(labels: Tensor, logits: Tensor) -> Tensor:
     """Integer labels (B,) -> one-hot float mask; soft/one-hot labels (B, C) (mixup) pass through."""
@@ -106,7 +108,8 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """MLP in_dim -> hidden -> hidden -> bottleneck (GELU), L2-normalise, weight-normed
     Linear(bottleneck, out_dim) without bias. Keys ``mlp.{0,2,4}``, ``last_layer.weight_{g,v}``
-    as in DINO. norm_last_layer fixes the gain g to 1 (not trainable)."""
+    as in DINO. norm_last_layer fixes the gain g to 1 (not trainable). The L2 normalisation and the
+    last layer run in float32 under autocast (float32 logits) unless float32_last_layer is False."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  nlayers: int = 3, norm_last_layer: bool = True):
@@ -128,10 +131,18 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.norm_last_layer = norm_last_layer
         self.last_layer.weight_g.requires_grad_(not norm_last_layer)
+        # False: the normalisation and the last layer follow autocast (bf16/fp16 logits)
+        self.float32_last_layer = True
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        x = self.mlp(x)
+        if not self.float32_last_layer:
+            return self.last_layer(F.normalize(x, dim=-1, p=2))
+        # The logits are cosines that DINO's teacher softmax divides by 0.04: bf16 values just
+        # below 1 are 2^-8 apart (fp16: 2^-11), steps of ~0.1 (fp16: ~0.012) in that exponent.
+        # The cost is one (rows x bottleneck x K) GEMM in float32 (docs/precision.md).
+        with float32_region(x.device.type):
+            return self.last_layer(F.normalize(x.float(), dim=-1, p=2))
 
     def set_last_layer_trainable(self, trainable: bool) -> None:
         """Freeze (epoch 0 of DINO) or unfreeze the last layer; the gain stays fixed when

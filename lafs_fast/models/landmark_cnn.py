@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .precision import float32_region
+
 # k, exp, out, se, nonlinearity, stride -- the 15 standard MobileNetV3-Large bottlenecks.
 MOBILENETV3_LARGE = (
     (3, 16, 16, False, "RE", 1),
@@ -117,6 +119,8 @@ class LandmarkCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.out_channels = c
         self.output_layer = nn.Sequential(nn.Dropout(dropout), nn.Linear(c, 2 * num_landmarks))
+        # True: the trunk too runs in float32 under autocast (freeze_ sets it for a frozen source)
+        self.float32 = False
         self.reset_parameters()
         # Channels-last convolutions run ~1.8x faster on CPU (oneDNN) and suit tensor cores.
         self.to(memory_format=torch.channels_last)
@@ -145,14 +149,23 @@ class LandmarkCNN(nn.Module):
     def raw(self, x: Tensor) -> Tensor:
         """The un-normalised (B, 2N) regression output."""
         x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.features(x).mean(dim=(2, 3))
+        trunk = float32_region(x.device.type) if self.float32 else contextlib.nullcontext()
+        with trunk:
+            feats = self.features(x.float() if self.float32 else x).mean(dim=(2, 3))
         # The head runs in its weights' dtype (float32) even under autocast: a bf16 output would
         # quantise the landmarks by up to ~1 px at 112 px after the min-max normalisation. It is
         # one small Linear (C x 2N), so the cost is nil.
-        off = (torch.autocast(x.device.type, enabled=False)
-               if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext())
-        with off:
+        with float32_region(x.device.type):
             return self.output_layer(feats.to(self.output_layer[-1].weight.dtype))
+
+    def freeze_(self) -> "LandmarkCNN":
+        """This CNN as a frozen landmark source (LAFS pretraining): eval mode, no gradients,
+        BatchNorm folded, and float32 under autocast as the release runs it (its CNN call sits
+        outside autocast, lafs_train.py:535-565): bf16 would move its landmarks by more than
+        0.05 px on average (docs/precision.md)."""
+        self.eval().requires_grad_(False).fold_batchnorm_()
+        self.float32 = True
+        return self
 
     @torch.no_grad()
     def fold_batchnorm_(self) -> "LandmarkCNN":

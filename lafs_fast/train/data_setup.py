@@ -1,6 +1,7 @@
 """Training data for the loops: dataset choice, few-shot subset, seeded batch order."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Callable, Iterator, Optional
@@ -47,11 +48,19 @@ class TrainData:
     Distributed: batch_size is per rank and a step's global batch is world_size * batch_size
     images of that one order; rank r takes rows [r * batch_size, (r + 1) * batch_size) of it. So
     W ranks x batch b see exactly the images 1 rank x batch W*b sees, step by step, and a
-    resume only needs the step (and the same global batch)."""
+    resume only needs the step (and the same global batch).
+
+    Classes: the dataset's labels are the class indices, so a subset (--partition, --fewshot, a
+    k-shot file) trains the full set's C-way problem with fewer images, as the release's few-shot
+    protocol (all 205,990 WebFace4M identities for every subset, train_largescale.py:513).
+    num_classes > 0 sets C (a file holding part of a larger label space); 0 takes the dataset's
+    largest label + 1. relabel_subset renumbers the classes present in the subset 0..K-1 instead
+    (a K-way head without rows for absent identities)."""
 
     def __init__(self, dataset, batch_size: int, seed: int, workers: int = 2,
                  subset: Optional[np.ndarray] = None, rank: int = 0, world_size: int = 1,
-                 transform: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None):
+                 transform: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+                 num_classes: int = 0, relabel_subset: bool = False):
         self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, workers
         # transform(uint8 image, seed) -> uint8 image, per item (e.g. the release's PIL
         # augmentation): in the DataLoader workers, or here for in-memory data. Its seed is a
@@ -66,15 +75,25 @@ class TrainData:
             raise ValueError(f"--batch-size {batch_size}{per_rank} exceeds the {len(self.indices)} "
                              "training images")
         self.labels = torch.as_tensor(labels)
-        # Classes are renumbered over the subset so the classifier has no dead rows.
-        self.classes, self.targets = np.unique(labels[self.indices], return_inverse=True)
-        self.num_classes = len(self.classes)
+        self.requested_classes, self.relabel_subset = num_classes, relabel_subset
+        if relabel_subset:
+            self.classes, self.targets = np.unique(labels[self.indices], return_inverse=True)
+        else:
+            self.classes, self.targets = None, labels[self.indices]
         self.steps = len(self.indices) // self.global_batch
         self.in_memory = isinstance(getattr(dataset, "images", None), torch.Tensor)
         self.wait_s, self.delivered = 0.0, 0
 
     def __len__(self) -> int:
         return self.steps
+
+    @functools.cached_property
+    def num_classes(self) -> int:
+        """Rows of the classifier. Checked when first asked for: pretraining never asks (its labels
+        are unused), so unlabelled data with any labels still pretrains."""
+        if self.relabel_subset:
+            return len(self.classes)
+        return label_space_size(self.labels.numpy(), self.requested_classes)
 
     def order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -152,12 +171,29 @@ class _Transformed(torch.utils.data.Dataset):
         return self.transform(image, seed), label
 
 
+def label_space_size(labels: np.ndarray, num_classes: int = 0) -> int:
+    """Classes of a dataset whose labels are class indices: num_classes if given (> 0), else the
+    largest label + 1. Labels below 0 or at/above num_classes have no row: an error."""
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        raise ValueError(f"the training labels go down to {lo}: class labels must be >= 0 "
+                         "(or pass --relabel-subset to renumber the classes present)")
+    if num_classes <= 0:
+        return hi + 1
+    if num_classes <= hi:
+        raise ValueError(f"--num-classes {num_classes} is too small: the training set's largest label is "
+                         f"{hi}, so the head needs at least {hi + 1} classes (or leave --num-classes 0)")
+    return num_classes
+
+
 def build_train_data(dataset: str, path: str, fewshot: int, seed: int, batch_size: int,
                      workers: int, rank: int = 0, world_size: int = 1, channel_order: str = "rgb",
                      partition: float = 1.0,
-                     transform: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> TrainData:
+                     transform: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+                     num_classes: int = 0, relabel_subset: bool = False) -> TrainData:
     """partition < 1 keeps the first fraction of the images in dataset order (the release's
-    FaceDataset partition, image_iter.py:294-296), before any --fewshot choice."""
+    FaceDataset partition, image_iter.py:294-296), before any --fewshot choice. The classes stay
+    those of the whole dataset unless relabel_subset (TrainData)."""
     ds = open_dataset(dataset, path, train=True, channel_order=channel_order)
     labels = dataset_labels(ds)
     subset = None
@@ -168,5 +204,6 @@ def build_train_data(dataset: str, path: str, fewshot: int, seed: int, batch_siz
     if fewshot > 0:
         base = np.arange(len(labels)) if subset is None else subset
         subset = base[data.fewshot_indices(labels[base], fewshot, seed)]
-    return TrainData(ds, batch_size, seed, workers, subset, rank, world_size, transform)
+    return TrainData(ds, batch_size, seed, workers, subset, rank, world_size, transform,
+                     num_classes=num_classes, relabel_subset=relabel_subset)
 

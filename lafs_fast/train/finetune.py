@@ -83,6 +83,12 @@ class FinetuneConfig(common.RunConfig):
                                              "at load (the release's non-MS1M records)", choices=["rgb", "bgr"])
     partition: float = config.field(1.0, "keep the first fraction of the training images (the release's "
                                          "FaceDataset partition; 1 = all)")
+    num_classes: int = config.field(0, "classes of the margin head; 0 = the training set's largest label + 1. The "
+                                       "head keeps every class of the set under --partition / --fewshot (the "
+                                       "release's few-shot protocol); a file holding part of a larger label space "
+                                       "sets it (the release's WebFace4M: 205990)")
+    relabel_subset: bool = config.field(False, "renumber the classes present in the kept images 0..K-1 (a K-way head "
+                                               "without rows for absent identities; not the release's protocol)")
     accum_steps: int = config.field(1, "micro-batches per optimiser step (gradient accumulation; release: 3)")
     lr_rule: str = config.field("none", "none: --lr is the peak lr; sqrt: the release's rule, lr x accum "
                                         "x sqrt(336 x global batch) / 480", choices=["none", "sqrt"])
@@ -111,6 +117,9 @@ class FinetuneConfig(common.RunConfig):
         config.require(self.color_jitter >= 0, f"--color-jitter must be >= 0, got {self.color_jitter}")
         config.require(self.accum_steps >= 1, f"--accum-steps must be >= 1, got {self.accum_steps}")
         config.require(0 < self.partition <= 1, f"--partition must be in (0, 1], got {self.partition}")
+        config.require(self.num_classes >= 0, f"--num-classes must be >= 0, got {self.num_classes}")
+        config.require(not (self.relabel_subset and self.num_classes),
+                       "--relabel-subset sizes the head by the classes present: leave --num-classes 0 with it")
         config.require(self.val_every >= 0, f"--val-every must be >= 0, got {self.val_every}")
         config.require(self.channel_order == "rgb" or self.dataset == "recordio",
                        f"--channel-order bgr applies to --dataset recordio only, not {self.dataset}")
@@ -378,7 +387,8 @@ def build_run(cfg: FinetuneConfig, stage: str = "finetune") -> FinetuneRun:
     model = build_model(cfg, device)
     data = build_train_data(cfg.dataset, cfg.data_path, cfg.fewshot, cfg.seed, cfg.batch_size, cfg.workers,
                             me.rank, me.world_size, channel_order=cfg.channel_order, partition=cfg.partition,
-                            transform=build_train_augment(cfg, model.image_size))
+                            transform=build_train_augment(cfg, model.image_size),
+                            num_classes=cfg.num_classes, relabel_subset=cfg.relabel_subset)
     head = build_head(cfg, model.dim, data.num_classes, device)
     frozen_cnn = drift_reference(cfg, model)
     distributed.seed_rank_rngs(cfg.seed)  # weights are equal on every rank; dropout masks must not be

@@ -146,8 +146,9 @@ class LafsPretrainer(nn.Module):
         self.local_k = cfg.local_landmarks or max(1, round(N * 36 / 196))
 
     def set_landmark_cnn(self, cnn: nn.Module) -> None:
-        """The frozen landmark source: eval mode, no gradients, BatchNorm folded into the convs."""
-        self.landmark_cnn = cnn.eval().requires_grad_(False).fold_batchnorm_()
+        """The frozen landmark source: eval mode, no gradients, BatchNorm folded into the convs,
+        float32 under autocast (LandmarkCNN.freeze_)."""
+        self.landmark_cnn = cnn.freeze_()
 
     def landmarks(self, clean: torch.Tensor) -> torch.Tensor:
         if self.landmark_cnn is None:

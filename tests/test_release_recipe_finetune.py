@@ -208,15 +208,18 @@ def test_accumulating_three_micro_batches_equals_one_step_on_their_concatenation
         assert_weights_within(a, b, drift.tolerance(i), names[i])
 
 
-def test_layer_wise_lr_decay_scales_each_layers_first_step():
+@pytest.mark.parametrize("cnn_lr_scale", [1.0, 3.0])
+def test_layer_wise_lr_decay_scales_each_layers_first_step(cnn_lr_scale):
     """--layer-decay 0.5 (BEiT's rule, which the release computes but never applies): block i of a
     depth-D ViT trains at lr x 0.5^(D - i), the token embedding, the tokens and the landmark CNN at
     lr x 0.5^(D + 1), the final norm and the head at lr. Seen in the
     weights: without weight decay, AdamW's first step moves every entry by lr_group x g / (|g| +
-    1e-8), i.e. by lr_group to 1e-5 where |g| >= 0.5."""
+    1e-8), i.e. by lr_group to 1e-5 where |g| >= 0.5. --cnn-lr-scale multiplies the landmark CNN's
+    rate only, not the tokens and patch embedding that share its layer."""
     depth, lr = 4, 1e-3
     cfg = finetune.FinetuneConfig(layer_decay=0.5, weight_decay=0.0, cnn_weight_decay=0.0,
-                                  cnn_head_weight_decay=0.0, decay_tokens=True, clip_grad=0.0)
+                                  cnn_head_weight_decay=0.0, decay_tokens=True, clip_grad=0.0,
+                                  cnn_lr_scale=cnn_lr_scale)
     model, head = _model_and_head()
     assert len(model.transformer.blocks) == depth
     named = list(model.named_parameters()) + list(head.named_parameters(prefix="head"))
@@ -229,13 +232,15 @@ def test_layer_wise_lr_decay_scales_each_layers_first_step():
     opt.step()
 
     def expected(name):
-        if name.startswith(("landmark_cnn.", "patch_embed.", "cls_token", "pos_embedding")):
+        if name.startswith("landmark_cnn."):
+            return 0.5 ** (depth + 1) * cnn_lr_scale
+        if name.startswith(("patch_embed.", "cls_token", "pos_embedding")):
             return 0.5 ** (depth + 1)
         if name.startswith("transformer.blocks."):
             return 0.5 ** (depth - int(name.split(".")[2]))
         return 1.0  # norm, head
 
-    assert {expected(n) for n, _ in named} == {1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0}
+    assert {expected(n) for n, _ in named} == {cnn_lr_scale / 32, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0}
     for name, p in named:  # to 1e-5, + the float32 rounding of the weights (2 ulp of |w|)
         err = ((p.detach() - start[name]).abs() - lr * expected(name)).abs()
         allowed = 1e-5 * lr * expected(name) + 2.0 ** -22 * start[name].abs()

@@ -155,10 +155,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
             not decay_tokens and name in ("cls_token", "pos_embedding"))
         wd = 0.0 if no_decay else (cnn_weight_decay if cnn_weight_decay is not None and
                                    name.startswith("landmark_cnn.") else weight_decay)
-        key = (lid, wd)
+        is_cnn = name.startswith("landmark_cnn.")  # its own groups: it may get its own lr scale
+        key = (lid, wd, is_cnn)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": wd, "base_weight_decay": wd,
-                           "lr_scale": layer_decay ** (depth + 1 - lid), "layer": lid}
+                           "lr_scale": layer_decay ** (depth + 1 - lid), "layer": lid, "landmark_cnn": is_cnn}
         groups[key]["params"].append(p)
     return list(groups.values())
 

@@ -218,9 +218,8 @@ def make_param_groups(cfg: FinetuneConfig, model, head) -> list[dict]:
     output_layer gets the ViT's 0.1: train_largescale.py:141-149)."""
     groups = common.param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.cnn_weight_decay, extra=head,
                                  decay_tokens=cfg.decay_tokens)
-    cnn = set(map(id, model.landmark_cnn.parameters())) if model.landmark_cnn is not None else set()
     for g in groups:
-        if g["layer"] == 0 and any(id(p) in cnn for p in g["params"]):
+        if g["landmark_cnn"]:  # the CNN only: not the tokens and patch embedding of layer 0
             g["lr_scale"] *= cfg.cnn_lr_scale
     if cfg.cnn_head_weight_decay >= 0 and model.landmark_cnn is not None:
         w = model.landmark_cnn.output_layer[1].weight

@@ -87,7 +87,7 @@ def fused_views(faces_uint8, vcfg, gen):
 
 # ----------------------------------------------------------------------------- data: original
 class OriginalAugmentation:
-    """DINO's DataAugmentation as LAFS uses it (LAFS_FACTS section 3), per image, PIL in and out:
+    """DINO's DataAugmentation as LAFS uses it (docs/method.md section 3), per image, PIL in and out:
     every view is one RandomResizedCrop + flip, kept clean (normalise only) and augmented."""
 
     def __init__(self, size=112, n_local=8, seed=0):

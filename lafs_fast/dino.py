@@ -1,5 +1,5 @@
 """The LAFS self-supervised objective (DINO-style): loss with centring, schedules, EMA teacher,
-optimiser parameter groups and the small guards of a pretraining step (LAFS_FACTS section 3).
+optimiser parameter groups and the small guards of a pretraining step (docs/method.md section 3).
 
 View order everywhere is view-major (lafs_fast.views): row v * B + b is view v of image b; the
 student's views are [global 0..G-1, local 0..L-1], the teacher's [global 0..G-1].

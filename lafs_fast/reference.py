@@ -1,9 +1,9 @@
 """Plain-PyTorch reference of every lafs_fast op: the oracle for the tests and the fallback.
 
-Written from the contract in the README ("The landmark patch convention"), not from the
+Written from the contract in docs/ops.md ("The landmark patch convention"), not from the
 original code. Autograd of these functions defines the gradients every fast backend must match.
 
-Token convention (LAFS_FACTS section 2). For image I (C, H, W), landmark (lx, ly) in pixels and
+Token convention (docs/method.md section 2). For image I (C, H, W), landmark (lx, ly) in pixels and
 patch size P, the token has P*P*C values:
 
     token[(i*P + j)*C + c] = bilinear(I[c], x = lx + i - P/2 - 0.5, y = ly + j - P/2 - 0.5)

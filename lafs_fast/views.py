@@ -2,7 +2,7 @@
 device (no per-image PIL calls), the photometric augmentation of the views (lafs_fast.ops.photometric),
 and the landmarks mapped into the views.
 
-For each image the LAFS recipe (LAFS_FACTS section 3) makes G=2 global and L=8 local views; each
+For each image the LAFS recipe (docs/method.md section 3) makes G=2 global and L=8 local views; each
 view is a RandomResizedCrop(112, scale (0.4, 1)) + horizontal flip (p 0.5) of the face, kept twice:
 a CLEAN copy (geometry only; the frozen landmark CNN reads it) and an AUGMENTED copy (same
 geometry + colour jitter, grayscale, blur, solarize; the patches are sampled from it).
@@ -43,7 +43,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ViewConfig:
-    """LAFS view recipe; defaults are the release's (LAFS_FACTS section 3)."""
+    """LAFS view recipe; defaults are the release's (docs/method.md section 3)."""
     size: int = 112
     local_size: Optional[int] = None          # None -> size (the release uses 112 for both)
     n_global: int = 2

@@ -1,4 +1,4 @@
-"""Bad input, everywhere it can enter (issue 5, item 3): ONE table of cases.
+"""Bad input, everywhere it can enter: ONE table of cases.
 
 Each row: an id, a callable that builds the bad input and feeds it, and the expected outcome:
 either an exception type with a regex its message must match (a clear error naming the problem,

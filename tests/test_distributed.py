@@ -51,7 +51,7 @@ def _create(name, **kw):
 
 
 def _fixed_views(x, cfg, generator=None, **kw):
-    """Full-image views, no flips: pretraining views are drawn per rank (README "Distributed
+    """Full-image views, no flips: pretraining views are drawn per rank (docs/training.md "Distributed
     training"), so this test takes their randomness out."""
     cfg = dataclasses.replace(cfg, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0), ratio=(1.0, 1.0),
                               flip_p=0.0)

@@ -4,7 +4,7 @@ and python -m lafs_fast.export (ONNX through one grid_sample, run in onnxruntime
 Tolerances: embed computes what eval.embed_with_flip computes, batch by batch (batch splits move
 float32 GEMMs by ~1e-7): atol 1e-5 on unit vectors. The exported graph samples patches with
 grid_sample, whose normalised coordinates (2x + 1) / W - 1 round x by ~1e-5 px: patches move
-~1e-5, embeddings ~2e-5 (measured); the bar is the issue's 1e-4.
+~1e-5, embeddings ~2e-5 (measured); the bar is 1e-4.
 """
 import os
 

@@ -184,7 +184,7 @@ def test_raw_pixel_orl_on_constructed_faces(monkeypatch):
 
 
 def test_raw_pixel_orl_is_the_readme_floor():
-    """The README's raw-pixel row (held-out ORL): 95.52 +- 0.67 %, AUC 0.9269, TAR@1e-3 52.0 %."""
+    """The README's raw-pixel row (its Results table) (held-out ORL): 95.52 +- 0.67 %, AUC 0.9269, TAR@1e-3 52.0 %."""
     from lafs_fast.eval.orl import raw_pixel_orl
     r = raw_pixel_orl()
     assert (r["n_genuine"], r["n_impostor"]) == (450, 4500)

@@ -59,7 +59,7 @@ def expected(images, landmarks, weight, bias, **kw):
 
 # ----------------------------------------------------------------------------- the convention
 def test_reference_matches_per_landmark_grid_sample():
-    """Independent check of LAFS_FACTS section 2: one F.grid_sample per landmark, by hand."""
+    """Independent check of docs/method.md section 2: one F.grid_sample per landmark, by hand."""
     images, lm, _, _ = make_case(B=2, C=3, H=12, W=10, N=6, P=4, dtype=torch.float64)
     lm[0, 0] = torch.tensor([0.0, 0.0], dtype=torch.float64)  # at the corner
     lm[1, 1] = torch.tensor([10.3, -1.7], dtype=torch.float64)  # beyond the border

@@ -109,7 +109,7 @@ def test_sigkill_mid_save_then_resume_is_exact(kind, tmp_path, restore_threads):
 
 @pytest.mark.slow  # 3 short runs (~7 s)
 def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp_path, restore_threads):
-    """README: a different global batch is refused (the data order would not continue); a
+    """docs/training.md, "Exact resume": a different global batch is refused (the data order would not continue); a
     different world size continues the data order but restarts the per-rank streams, with a warning."""
     from lafs_fast.train.__main__ import main as cli_main
     args = ["finetune", *COMMON, *ARGS["finetune"], "--out-dir", str(tmp_path)]

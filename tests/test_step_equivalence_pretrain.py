@@ -363,7 +363,7 @@ def test_pretrain_step_equals_release_with_coordinate_noise(monkeypatch):
     noise per landmark, lafs_fast per slot, and with every landmark in order a slot is a landmark:
     the same noise, the same step. Local views: lafs_fast perturbs each slot after the subset index,
     the release perturbs the N landmarks before it, so a landmark drawn twice shares its noise there
-    (a deliberate difference, documented in the README); the re-statement takes lafs_fast's per-slot
+    (a deliberate difference, documented in docs/release.md); the re-statement takes lafs_fast's per-slot
     noise, the rest of the step being the release's."""
     net, rel, records, bounds = run_both(monkeypatch, perturb_std=5.0, backend="cpu")
     for rec in records:

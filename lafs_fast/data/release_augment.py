@@ -13,7 +13,7 @@ lists; everything else (op probability 0.5, 2 ops per image, magnitude noise, fi
 bilinear / bicubic resampling, the level-to-argument maps) is timm's. So this module calls
 timm's ``rand_augment_transform`` with timm's increasing list minus the Solarize ops; with the
 same Python / NumPy random state it gives the same image (checked against rand_aa_face, see the
-README's differences table). The erasing is torchvision's, as the release uses (timm's
+differences table in docs/release.md). The erasing is torchvision's, as the release uses (timm's
 RandomErasing fills in normalised space and draws the aspect differently).
 
 Randomness: each call takes an integer seed and draws everything from it (Python, NumPy and

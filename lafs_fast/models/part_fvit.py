@@ -1,6 +1,6 @@
 """Part fViT: a ViT whose tokens are P x P patches sampled around landmarks (or a fixed grid).
 
-Token layout and sampling are those of ``lafs_fast.ops.landmark_patch_embed`` (LAFS_FACTS
+Token layout and sampling are those of ``lafs_fast.ops.landmark_patch_embed`` (docs/method.md
 section 2, verified against the authors' release); the backend (reference / C++ / CUDA / Triton)
 is chosen by ``lafs_fast.ops``, never here.
 """

@@ -15,7 +15,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~3x the ViT's MACs at this size) and 49 landmarks.
     "part_fvit_tiny": dict(dim=96, depth=4, heads=3, dim_head=32, mlp_dim=192,
                            num_landmarks=49, patch_size=8, cnn_width=0.5),
-    # The throughput issue's CPU step size (the release's step measured at dim 192, depth 4,
+    # The CPU benchmark step's size (the release's step measured at dim 192, depth 4,
     # heads 3 on 2 cores): full landmark set and full-width landmark CNN.
     "part_fvit_mini": dict(dim=192, depth=4, heads=3, dim_head=64, mlp_dim=768,
                            num_landmarks=196, patch_size=8),

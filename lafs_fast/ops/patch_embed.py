@@ -149,7 +149,7 @@ def landmark_patch_embed(images: Tensor, landmarks: Tensor, weight: Tensor, bias
                          *, patch_size: int = 8, index: Optional[Tensor] = None, perturb_std: float = 0.0,
                          seed: Optional[int] = None, backend: str = "auto") -> Tensor:
     """Tokens (B, K, D): a P x P bilinear patch around every (indexed, perturbed) landmark times
-    ``weight.T`` (+ ``bias``), in one pass. See README "The landmark patch convention".
+    ``weight.T`` (+ ``bias``), in one pass. See docs/ops.md, "The landmark patch convention".
 
     images (B, C, H, W) float32/bfloat16/float16 (float64 for gradcheck), any strides;
     landmarks (B, N, 2) pixel (x, y); weight (D, P*P*C); bias (D,); index (B, K) int64 in [0, N)

@@ -1,7 +1,7 @@
 """The photometric augmentation of LAFS views: parameter draws, the plain-PyTorch maths (the
 oracle) and the fused C++ op torch.ops.lafs_fast.photometric_augment with its backend choice.
 
-Per augmented view (LAFS_FACTS section 3): colour jitter (p 0.8; brightness, contrast, saturation,
+Per augmented view (docs/method.md section 3): colour jitter (p 0.8; brightness, contrast, saturation,
 hue in a random order per sample), grayscale (p 0.2), Gaussian blur (per-view probability),
 solarize (per-view probability). Parameters are drawn first (draw_photometric_params), then
 applied (apply_photometric), so the same draws can be replayed on any backend.

@@ -137,7 +137,7 @@ class FinetuneConfig(common.RunConfig):
 
 
 def drift_weight(cfg: FinetuneConfig, epoch: int) -> float:
-    """lambda(epoch) of the landmark-drift regulariser: a step function (LAFS_FACTS section 4)."""
+    """lambda(epoch) of the landmark-drift regulariser: a step function (docs/method.md section 4)."""
     stage = sum(epoch >= e for e in cfg.drift_epochs)
     return float(cfg.drift_lambdas[stage])
 

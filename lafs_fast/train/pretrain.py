@@ -292,7 +292,7 @@ def build_run(cfg: PretrainConfig, stage: str = "pretrain") -> PretrainRun:
     # Views, the local landmark subsets and the perturbation seed come from this rank's own stream
     # (rank 0: the single-process one): LafsPretrainer and views draw per local batch, and the op
     # keys its noise by the row within the rank's batch, so the draws cannot follow the global
-    # batch without changes there (see README "Distributed training").
+    # batch without changes there (see docs/training.md, "Distributed training").
     gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed + 1, me.rank, stream=2))
     run = PretrainRun(cfg=cfg, stage=stage, device=device, amp=amp, data=data, model=net, optimizer=opt,
                       scaler=common.make_grad_scaler(device, amp), generator=gen, steps_per_epoch=steps_per_epoch,

@@ -210,3 +210,14 @@ def test_the_anchor_check_sees_a_broken_anchor():
     text = "[ok](#the-op-landmark_patch_embed) [bad](#no-such-heading) [page](docs/ops.md#backends)\n\n" \
            "## The op: `landmark_patch_embed`\n"
     assert broken_anchors("README.md", text) == ["#no-such-heading"]
+
+
+def test_the_code_map_names_every_module():
+    """docs/layout.md is the newcomer's map: a module missing from it is a module nobody finds."""
+    text = read(os.path.join("docs", "layout.md"))
+    modules = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "lafs_fast", "**", "*.py"),
+                                                                  recursive=True))
+    skip = {"__init__.py", "_build_info.py"}
+    missing = [m for m in modules if os.path.basename(m) not in skip and f"`{m}`" not in text
+               and os.sep + "kernels" + os.sep not in m]
+    assert not missing, f"docs/layout.md does not name: {missing}"

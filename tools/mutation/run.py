@@ -27,8 +27,10 @@ SCRATCH = ROOT / ".mutation"
 # mangled names; None = the whole file))
 MODULES = {
     "dino": ("lafs_fast/dino.py", ["tests/test_dino.py"], None),
-    "checkpoint": ("lafs_fast/checkpoint.py", ["tests/test_checkpoint.py"], None),
-    "verification": ("lafs_fast/eval/verification.py", ["tests/test_eval.py"], None),
+    "checkpoint": ("lafs_fast/checkpoint.py", ["tests/test_checkpoint.py", "tests/test_bad_input.py"],
+                   None),
+    "verification": ("lafs_fast/eval/verification.py",
+                     ["tests/test_eval.py", "-k", "not orl and not eval_command"], None),
     "heads": ("lafs_fast/models/heads.py", ["tests/test_models.py", "-k", "head or Head"], None),
     "partial_fc": ("lafs_fast/models/partial_fc.py",
                    ["tests/test_partial_fc.py", "-m", "not slow"], None),

@@ -1,8 +1,8 @@
 """Mutation testing of the core with mutmut: one module at a time, each mutant run against the
 fast tests that cover that module. Not part of CI (minutes to an hour per module on two cores).
 
-    python tools/mutation/run.py dino checkpoint ...      # modules by key (see MODULES)
-    python tools/mutation/run.py --sample 200 --seed 0 partial_fc
+    python tests/mutation/run.py dino checkpoint ...      # modules by key (see MODULES)
+    python tests/mutation/run.py --sample 200 --seed 0 partial_fc
 
 Each module is mutated in its own scratch copy of the package under .mutation/<key>/ (git-ignored),
 so the source tree is never touched and mutmut's `mutants/` folder and cache stay out of it. The

@@ -191,18 +191,17 @@ def prepare_out_dir(cfg: RunConfig) -> None:
     checkpoints) is refused unless --resume (continue it) or --overwrite (remove its files
     first); --resume with no checkpoint there is an error, --resume auto then starts fresh (and
     removes what a run that saved no checkpoint left). Every rank checks; rank 0 removes."""
-    out, latest = cfg.out_dir, None
+    out = cfg.out_dir
     ensure_writable_dir(out)
-    if os.path.isdir(out):
-        latest = newest_checkpoint(out)
-        if cfg.resume is True and latest is None:
-            raise UsageError(f"--resume: nothing to resume in {out} (no step-*.pt checkpoint there)",
-                             "give the --out-dir of the run to continue, or --resume auto to start fresh "
-                             "when there is none")
-        if not cfg.resume and not cfg.overwrite and holds_run(out):
-            raise UsageError(f"--out-dir {out} holds another run ({', '.join(describe_run(out))})",
-                             "continue it with --resume, replace it with --overwrite, or choose another "
-                             "--out-dir")
+    latest = newest_checkpoint(out) if os.path.isdir(out) else None
+    if cfg.resume is True and latest is None:
+        there = "no step-*.pt checkpoint there" if os.path.isdir(out) else "the folder does not exist"
+        raise UsageError(f"--resume: nothing to resume in {out} ({there})",
+                         "give the --out-dir of the run to continue, or --resume auto to start fresh "
+                         "when there is none")
+    if not cfg.resume and not cfg.overwrite and os.path.isdir(out) and holds_run(out):
+        raise UsageError(f"--out-dir {out} holds another run ({', '.join(describe_run(out))})",
+                         "continue it with --resume, replace it with --overwrite, or choose another --out-dir")
     clear = cfg.overwrite or (cfg.resume == config.AUTO and latest is None)
     doomed = run_files(out) if clear and os.path.isdir(out) else []
     _refuse_removing_inputs(cfg, doomed)

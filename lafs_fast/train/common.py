@@ -222,7 +222,8 @@ def describe_run(out_dir: str) -> list[str]:
         found.append("metrics.jsonl")
     n = len(CheckpointRing(out_dir).existing())
     if n:
-        found.append(f"{n} checkpoint{'s' if n > 1 else ''}, the newest {os.path.basename(newest_checkpoint(out_dir))}")
+        newest = os.path.basename(newest_checkpoint(out_dir))
+        found.append(f"{n} checkpoint{'s' if n > 1 else ''}, the newest {newest}")
     return found
 
 

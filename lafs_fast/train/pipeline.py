@@ -63,8 +63,9 @@ class PipelineConfig:
                      "pretrain_batch_size"):
             config.require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         config.require(self.fewshot >= 0, "--fewshot must be >= 0")
-        config.require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other "
-                                                              "(--resume continues the pipeline, --overwrite replaces it)")
+        config.require(not (self.resume and self.overwrite),
+                       "--resume and --overwrite exclude each other (--resume continues the pipeline, "
+                       "--overwrite replaces it)")
 
 
 STAGES = ("1_supervised", "2_pretrain", "3_finetune")

@@ -156,9 +156,10 @@ def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: 
     --save-every steps, the --stop-after check; after each epoch: the hooks, an "<stage>_epoch"
     metrics line (corrupt_images: the epoch's unreadable, skipped images, every rank's) and a
     checkpoint (unless that step was just saved); a checkpoint that cannot be written (a full
-    disk) stops the run with a RunError naming the one that survived; at the end, on rank 0: Run.finish, the hooks, the last
-    metrics line. Returns rank 0's result on every rank, once rank 0's final files exist (a
-    pipeline's next stage reads them), or {"steps", "stopped"} after --stop-after.
+    disk) stops the run with a RunError naming the one that survived; at the end, on rank 0:
+    Run.finish, the hooks, the last metrics line. Returns rank 0's result on every rank, once rank
+    0's final files exist (a pipeline's next stage reads them), or {"steps", "stopped"} after
+    --stop-after.
 
     A hook (arcface_torch's callbacks; lafs_fast.eval's Validator and OrlEvaluation) defines any
     of after_step(run, epoch), after_epoch(run, epoch) -- called before that step's or epoch's

@@ -168,6 +168,20 @@ def test_a_checkpoint_that_cannot_be_written_names_the_survivor_and_the_resume_c
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise the uninterrupted run
 
 
+def test_a_final_model_that_cannot_be_written_is_one_line_and_resume_finishes_the_run(
+        tmp_path, monkeypatch, capsys, threads):
+    """Checkpoints at the two epoch ends are written (calls 1, 2), model.pt is not (call 3)."""
+    out = str(tmp_path / "run")
+    with monkeypatch.context() as m:
+        fail_on_call(3, raise_like_torch, m)
+        assert run("--out-dir", out) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"could not write the run's files in {out}: No space left on device" in err[0], err
+    assert f"the last checkpoint, {out}/step-00000012.pt, is intact" in err[0] and err[0].endswith("--resume)")
+    assert "model.pt" not in files(out)
+    assert run("--out-dir", out, "--resume")["steps"] == 12 and "model.pt" in files(out)
+
+
 def test_a_first_checkpoint_that_cannot_be_written_says_to_start_again(tmp_path, monkeypatch, capsys, threads):
     out = str(tmp_path / "run")
     fail_on_call(1, raise_enospc, monkeypatch)

@@ -190,7 +190,21 @@ def prepare_out_dir(cfg: RunConfig) -> None:
     """Runs never mix in one --out-dir: a folder holding another run (metrics.jsonl or
     checkpoints) is refused unless --resume (continue it) or --overwrite (remove its files
     first); --resume with no checkpoint there is an error, --resume auto then starts fresh (and
-    removes what a run that saved no checkpoint left). Every rank checks; rank 0 removes."""
+    removes what a run that saved no checkpoint left). Rank 0 decides and removes, every rank
+    gets its verdict (another rank may get here while rank 0 still writes the previous run's
+    last checkpoint)."""
+    problem = None
+    if distributed.info().is_main:
+        try:
+            _claim_out_dir(cfg)
+        except ValueError as e:  # UsageError, or an unwritable folder
+            problem = e
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise problem
+
+
+def _claim_out_dir(cfg: RunConfig) -> None:
     out = cfg.out_dir
     ensure_writable_dir(out)
     latest = newest_checkpoint(out) if os.path.isdir(out) else None
@@ -205,15 +219,14 @@ def prepare_out_dir(cfg: RunConfig) -> None:
     clear = cfg.overwrite or (cfg.resume == config.AUTO and latest is None)
     doomed = run_files(out) if clear and os.path.isdir(out) else []
     _refuse_removing_inputs(cfg, doomed)
-    if doomed and distributed.info().is_main:
-        for path in doomed:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+    for path in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    if doomed:
         names = sorted({os.path.basename(p) for p in doomed})
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         why = "--overwrite" if cfg.overwrite else "--resume auto (no checkpoint to resume)"
         print(f"{why}: removed {len(doomed)} file(s) of the earlier run in {out}: {shown}", flush=True)
-    distributed.barrier()
 
 
 def describe_run(out_dir: str) -> list[str]:

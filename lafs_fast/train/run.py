@@ -5,6 +5,7 @@ steps: the progress bar, the metrics lines, checkpoints, the --stop-after check,
 (validation, evaluation) and the result every rank returns."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -106,17 +107,17 @@ def _os_error(e: BaseException) -> Optional[OSError]:
     return None
 
 
-def save_or_fail(run: Run, epoch: int) -> None:
-    """run.save_state, or a failed write (a full disk, a file that cannot be written) as one
-    line naming the checkpoint that survived and the command that continues from it."""
+@contextlib.contextmanager
+def failed_writes(run: Run, what: Optional[str] = None):
+    """A write that fails inside (a full disk, a file that cannot be written) as one line: what
+    could not be written, the checkpoint that survived and the command that continues from it."""
     try:
-        run.save_state(epoch)
+        yield
     except (OSError, RuntimeError) as e:
         cause = _os_error(e)
         if cause is None:
             raise
-        what = (f"could not write checkpoint {run.ring.path(run.step)} at step {run.step}: "
-                f"{cause.strerror or cause}")
+        target = what or (f"{cause.filename}" if cause.filename else f"the run's files in {run.cfg.out_dir}")
         survived = run.ring.latest()
         if survived:
             fix = (f"the last checkpoint, {survived}, is intact; free space (or fix the folder's permissions), "
@@ -124,7 +125,13 @@ def save_or_fail(run: Run, epoch: int) -> None:
         else:
             fix = (f"no checkpoint was written; free space (or fix the folder's permissions), then start "
                    f"again with: {common.resume_hint(run.cfg, '--overwrite')}")
-        raise RunError(what, fix) from None
+        raise RunError(f"could not write {target}: {cause.strerror or cause}", fix) from None
+
+
+def save_or_fail(run: Run, epoch: int) -> None:
+    """run.save_state; a checkpoint that cannot be written stops the run in one line."""
+    with failed_writes(run, f"checkpoint {run.ring.path(run.step)} at step {run.step}"):
+        run.save_state(epoch)
 
 
 def epoch_corrupt_images(run: Run, epoch: int) -> int:
@@ -155,8 +162,9 @@ def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: 
     train_one_epoch yields): the hooks, a metrics line every --log-every steps, a checkpoint every
     --save-every steps, the --stop-after check; after each epoch: the hooks, an "<stage>_epoch"
     metrics line (corrupt_images: the epoch's unreadable, skipped images, every rank's) and a
-    checkpoint (unless that step was just saved); a checkpoint that cannot be written (a full
-    disk) stops the run with a RunError naming the one that survived; at the end, on rank 0:
+    checkpoint (unless that step was just saved); a checkpoint or final file that cannot be
+    written (a full disk) stops the run with a RunError naming the checkpoint that survived and
+    the command that continues from it; at the end, on rank 0:
     Run.finish, the hooks, the last metrics line. Returns rank 0's result on every rank, once rank
     0's final files exist (a pipeline's next stage reads them), or {"steps", "stopped"} after
     --stop-after.
@@ -173,7 +181,8 @@ def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: 
             ips = run.seen / max(1e-9, time.time() - t_start)
             bar.set_postfix(loss=f"{record['loss']:.3f}", ips=f"{ips:.1f}")
             run.last = record = {**record, "images_per_s": ips}
-            _call(hooks, "after_step", run, epoch)
+            with failed_writes(run):  # a validator's best.pt
+                _call(hooks, "after_step", run, epoch)
             if run.step % cfg.log_every == 0:
                 run.logger.log(stage=run.stage, **record)
             if cfg.save_every and run.step % cfg.save_every == 0:
@@ -182,7 +191,8 @@ def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: 
             if cfg.stop_after and run.step >= cfg.stop_after:
                 bar.close()
                 return {"steps": run.step, "stopped": True}
-        _call(hooks, "after_epoch", run, epoch)
+        with failed_writes(run):  # a validator's best.pt
+            _call(hooks, "after_epoch", run, epoch)
         run.logger.log(stage=run.stage + "_epoch", step=run.step, epoch=epoch,
                        corrupt_images=epoch_corrupt_images(run, epoch))
         if last_saved != run.step:
@@ -191,7 +201,8 @@ def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: 
     bar.close()
     result = None
     if run.is_main:
-        result = run.finish()
-        _call(hooks, "at_end", run, result)
+        with failed_writes(run):  # model.pt / teacher.pt, pictures, evaluation reports
+            result = run.finish()
+            _call(hooks, "at_end", run, result)
         run.logger.log(stage=run.stage + "_done", **run.done_record(result))
     return distributed.broadcast_object(result)

@@ -480,8 +480,8 @@ def default_hooks(run: FinetuneRun) -> list:
     if not run.is_main:
         return []
     cfg, hooks = run.cfg, []
-    validator = Validator(cfg.val_bins, run.model.image_size, cfg.out_dir, run.logger, resume=cfg.resume,
-                          every=cfg.val_every)
+    validator = Validator(cfg.val_bins, run.model.image_size, cfg.out_dir, run.logger, resume=run.step > 0,
+                          every=cfg.val_every)  # a resumed run keeps its best.pt
     if validator:
         hooks.append(validator)
     if cfg.eval:

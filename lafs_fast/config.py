@@ -3,8 +3,10 @@
 Every field becomes a flag (`--batch-size 32`), documented by its `help` metadata; `--config
 FILE.yaml` sets values first, flags win; a YAML file may extend another (`base: other.yaml`, a path
 relative to the file: its keys override the base's). Unknown flags, unknown YAML keys and values of the wrong
-type are errors that name the option. `--print-config` prints the resolved options as YAML and
-exits 0 (every command: they all parse here).
+type are errors that name the option, in one line (exit status 2). A bool field is a switch in every
+spelling (`--resume`, `--resume false`, `--no-resume`); --help lists the fields by topic
+(HELP_GROUPS). `--print-config` prints the resolved options as YAML and exits 0 (every command:
+they all parse here).
 """
 from __future__ import annotations
 
@@ -79,7 +81,6 @@ class BoolAction(argparse.Action):
     on/off, 1/0; `auto` where the option has it) and `--no-resume`."""
 
     def __init__(self, option_strings, dest, with_auto: bool = False, **kw):
-        self.with_auto = with_auto
         kw["type"] = _parse_bool_or_auto if with_auto else _parse_bool
         super().__init__(option_strings, dest, nargs="?", **kw)
 

@@ -233,3 +233,46 @@ def test_the_pipeline_refuses_a_used_out_dir_and_resumes_stage_by_stage(stages, 
     torch.save({"step": 1}, out / "2_pretrain" / "step-00000001.pt")
     pipeline.main(["--out-dir", str(out), "--resume"])
     assert [cfg.resume for _, cfg in stages] == ["auto"] * 3  # a stage without a checkpoint starts
+
+
+# ----------------------------------------------------------------------------- under torchrun
+def refused_worker(rank, world, port, root):
+    """One rank of a 2-process gloo run into a used out dir: its outcome in outcome<rank>.txt."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from lafs_fast.cli import UsageError
+    from lafs_fast.train import distributed
+    try:
+        finetune.run(finetune.FinetuneConfig(dataset="synthetic", batch_size=4, epochs=1, eval=False, progress=False,
+                                             device="cpu", dist_timeout=60, out_dir=f"{root}/used"))
+        outcome = "trained"
+    except UsageError as e:
+        outcome = f"UsageError: {e}"
+    except Exception as e:  # noqa: BLE001 -- reported to the test
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        distributed.shutdown()
+    with open(f"{root}/outcome{rank}.txt", "w") as f:
+        f.write(outcome)
+
+
+def test_every_rank_gets_rank_0s_verdict_on_the_out_dir(tmp_path):
+    """Rank 0 alone looks at the out dir (another rank may arrive while rank 0 still writes);
+    a refusal reaches every rank as the same UsageError, none is left waiting."""
+    import multiprocessing
+    import socket
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "metrics.jsonl").write_text("{}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=refused_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert not [p for p in procs if p.is_alive()], "a rank hung"
+    outcomes = [(tmp_path / f"outcome{r}.txt").read_text() for r in range(2)]
+    assert outcomes[0] == outcomes[1] and outcomes[0].startswith("UsageError: --out-dir "), outcomes
+    assert "holds another run (metrics.jsonl)" in outcomes[0]

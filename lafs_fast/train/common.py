@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import config
-from ..cli import UsageError
+from ..cli import CommandError, UsageError
 from ..ops import BACKENDS
 from . import distributed
 
@@ -81,9 +81,6 @@ def setup_run(cfg: RunConfig) -> tuple[torch.device, str]:
         set_deterministic()
     amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
     distributed.init(device, cfg.dist_timeout)
-    if cfg.tensorboard and distributed.info().is_main:
-        from .._extras import require_extra
-        require_extra("tensorboard", "tensorboard", "--tensorboard")
     prepare_out_dir(cfg)
     seed_everything(cfg.seed)
     return device, amp
@@ -191,14 +188,17 @@ def prepare_out_dir(cfg: RunConfig) -> None:
     """Runs never mix in one --out-dir: a folder holding another run (metrics.jsonl or
     checkpoints) is refused unless --resume (continue it) or --overwrite (remove its files
     first); --resume with no checkpoint there is an error, --resume auto then starts fresh (and
-    removes what a run that saved no checkpoint left). Rank 0 decides and removes, every rank
-    gets its verdict (another rank may get here while rank 0 still writes the previous run's
-    last checkpoint)."""
+    removes what a run that saved no checkpoint left). With --tensorboard, its package must be
+    there. Rank 0 decides and removes, every rank gets its verdict (another rank may get here
+    while rank 0 still writes the previous run's last checkpoint)."""
+    from .._extras import MissingExtra, require_extra
     problem = None
     if distributed.info().is_main:
         try:
+            if cfg.tensorboard:  # rank 0 writes the event files
+                require_extra("tensorboard", "tensorboard", "--tensorboard")
             _claim_out_dir(cfg)
-        except ValueError as e:  # UsageError, or an unwritable folder
+        except (ValueError, CommandError, MissingExtra) as e:  # bad usage, an unwritable folder
             problem = e
     problem = distributed.broadcast_object(problem)
     if problem is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Optional
 
 from ._extras import MissingExtra
 
@@ -53,15 +53,38 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USAGE_EXIT)
 
 
-def run(prog: str, work: Callable, *args) -> int:
-    """work(*args)'s exit status (0 when it returns None), or its CommandError / MissingExtra
-    reported in one line with exit status 2 / 1."""
+# A path given wrong (an input that is not there, an output under a file): the command line's fault.
+_BAD_PATH = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def exit_status(e: BaseException, plain: bool = True) -> Optional[int]:
+    """The exit status of an error a command reports in one line, None for one it does not (a
+    bug: its traceback is the report). CommandError: its own; MissingExtra: 1; with plain, also
+    ValueError (a bad value, file or checkpoint) and a path given wrong: 2; another OSError (a
+    full disk, a permission) and FloatingPointError (a diverged run): 1."""
+    if isinstance(e, CommandError):
+        return e.exit_code
+    if isinstance(e, MissingExtra):
+        return FAILURE_EXIT
+    if not plain:
+        return None
+    if isinstance(e, (ValueError, *_BAD_PATH)):
+        return USAGE_EXIT
+    if isinstance(e, (OSError, FloatingPointError)):
+        return FAILURE_EXIT
+    return None
+
+
+def run(prog: str, work: Callable, *args, plain: bool = False) -> int:
+    """work(*args)'s exit status (0 when it returns None), or its error reported in one line with
+    the status exit_status gives it (CommandError, MissingExtra; with plain, ValueError and
+    OSError too); any other exception propagates."""
     try:
         status = work(*args)
-    except CommandError as e:
+    except Exception as e:  # noqa: BLE001 -- classified below, re-raised when not ours
+        code = exit_status(e, plain)
+        if code is None:
+            raise
         report(prog, str(e))
-        return e.exit_code
-    except MissingExtra as e:
-        report(prog, str(e))
-        return FAILURE_EXIT
+        return code
     return 0 if status is None else status

@@ -6,11 +6,11 @@ The output is {'model': state_dict, 'config': PartFViT kwargs, 'format': 'lafs_f
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional, Sequence
 
+from . import cli
 from .checkpoint import CheckpointError, load_checkpoint, load_official, save_checkpoint
 from .models.part_fvit import PartFViT
 
@@ -66,26 +66,38 @@ def load_any_model(path: str, landmark_cnn: Optional[str] = None):
                               f"convert) nor a release checkpoint: {e}") from e
 
 
+PROG = "python -m lafs_fast.convert"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lafs_fast.convert", description=__doc__.split("\n")[0])
+    """0, or one line on stderr: exit 2 for an input that is not a release checkpoint (or is not
+    there), 1 when the output cannot be written (the existing output is left as it was)."""
+    ap = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("input", help="release checkpoint (supervised Part fViT or LAFS/DINO)")
     ap.add_argument("output", help="lafs_fast checkpoint to write")
     ap.add_argument("--landmark-cnn", default=None,
                     help="supervised Part fViT checkpoint to take the landmark CNN from")
-    args = ap.parse_args(argv)
+    return cli.run(PROG, convert, ap.parse_args(argv))
+
+
+def convert(args) -> None:
     try:
         model = load_official(args.input, args.landmark_cnn)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as e:
+        raise cli.UsageError(str(e), "give the path of a release checkpoint") from None
+    except CheckpointError as e:
+        raise cli.UsageError(str(e), "give a release checkpoint (.pth); a lafs_fast model file needs no "
+                                     "conversion") from None
     try:
         save_model(model, args.output, source=args.input)
+    except (NotADirectoryError, IsADirectoryError, FileExistsError) as e:  # a path under a file, or a folder
+        raise cli.UsageError(f"cannot write {args.output}: {e.strerror or e}",
+                             "give a file path whose parents are folders") from None
     except OSError as e:  # atomic: an existing output file is left as it was
-        print(f"error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        raise cli.RunError(f"cannot write {args.output}: {e.strerror or e}",
+                           "check the free space and permissions of its folder") from None
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output}: {n / 1e6:.2f} M parameters, config {model.config}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ and lines stay aligned and a bad row cannot pass for a face.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -30,6 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cli, config
+
+PROG = "python -m lafs_fast.embed"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
 
 
@@ -212,8 +214,8 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
         # a rewritten line on a terminal; otherwise (logs) a line per tenth of the input
         if progress and (tty or done == N or done * 10 // N != before * 10 // N):
             rate = done / max(1e-9, time.time() - t0)
-            print(f"{chr(13) if tty else ''}embedded {done}/{N} images ({rate:.1f} img/s, {len(bad)} unreadable)",
-                  end="" if tty else chr(10), file=sys.stderr, flush=True)
+            print(f"{chr(13) if tty else ''}embedded {done - len(bad)}/{N} images, {len(bad)} unreadable "
+                  f"({rate:.1f} img/s)", end="" if tty else chr(10), file=sys.stderr, flush=True)
     if progress and tty:
         print(file=sys.stderr)
     out = out[:-4] if out.endswith(".npy") else out
@@ -234,17 +236,8 @@ class _Paths:
         return _read_file(self.paths[i])
 
 
-def _bool(text: str) -> bool:
-    t = text.lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lafs_fast.embed", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=config.SwitchHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="lafs_fast model file or official release checkpoint")
     src = p.add_argument_group("input (exactly one)")
     src.add_argument("--images", default="", help="folder of face crops (searched recursively)")
@@ -252,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     src.add_argument("--recordio", default="", help="insightface train.rec prefix (or .rec path)")
     src.add_argument("--bin", default="", dest="bin_file", help="insightface verification .bin")
     p.add_argument("--out", default="features", help="output prefix: OUT.npy (features) and OUT.txt (names)")
-    p.add_argument("--flip", type=_bool, default=True, help="add the horizontally flipped image's embedding first")
+    config.add_bool_argument(p, "flip", True, "add the horizontally flipped image's embedding first")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0 = in the main one)")
@@ -260,17 +253,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                         "a LAFS / DINO backbone")
     p.add_argument("--five-points", default="", help="file of `<name> x1 y1 ... x5 y5 [score]` lines: align each "
                                                       "--images / --list input to the ArcFace template first")
-    p.add_argument("--progress", type=_bool, default=True)
+    config.add_bool_argument(p, "progress", True, "a progress line (rewritten on a terminal, every tenth in a log)")
     a = p.parse_args(argv)
-    try:
-        r = run(a.checkpoint, a.out, a.images, a.list_file, a.recordio, a.bin_file, a.flip, a.batch_size,
-                a.device, a.workers, a.landmark_cnn, a.progress, a.five_points)
-    except (ValueError, OSError) as e:
-        print(f"python -m lafs_fast.embed: error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(PROG, _main, a, plain=True)  # a bad input: one line, exit 2; a failed write: exit 1
+
+
+def _main(a) -> None:
+    r = run(a.checkpoint, a.out, a.images, a.list_file, a.recordio, a.bin_file, a.flip, a.batch_size,
+            a.device, a.workers, a.landmark_cnn, a.progress, a.five_points)
     print(f"{r['count']} items -> {r['features']} ({r['count']} x {r['dim']}), names in {r['list']}; "
-          f"{r['unreadable']} unreadable (NaN rows, marked 'bad' in the list)")
-    return 0
+          f"{r['count'] - r['unreadable']} embedded, {r['unreadable']} unreadable (NaN rows, marked 'bad' in the list)")
 
 
 if __name__ == "__main__":

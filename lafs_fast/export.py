@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cli
+from . import cli, config
 from ._extras import require_extra
 from .models.part_fvit import PartFViT
 from .reference import patch_offsets
@@ -93,15 +93,15 @@ PROG = "python -m lafs_fast.export"
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=config.SwitchHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="lafs_fast model file or official release checkpoint")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
     p.add_argument("--landmark-cnn", default=None, help="release checkpoint whose landmark CNN completes "
                                                         "a LAFS / DINO backbone")
-    p.add_argument("--landmarks-output", action="store_true", help="also output the (B, N, 2) landmarks")
-    p.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare with PyTorch "
-                                                        "(onnxruntime: the onnx extra)")
+    config.add_bool_argument(p, "landmarks_output", False, "also output the (B, N, 2) landmarks")
+    config.add_bool_argument(p, "check", False, "run the file in onnxruntime and compare with PyTorch "
+                                                "(onnxruntime: the onnx extra)")
     return p
 
 

@@ -616,18 +616,20 @@ def convert_keeps_output(env):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert convert_main([env.ckpt.release, str(out)]) == 1
-    assert re.fullmatch(r"error: cannot write .*out\.pt: No space left on device\n", err.getvalue())
+    assert re.fullmatch(r"python -m lafs_fast\.convert: error: cannot write .*out\.pt: No space left on device "
+                        r"\(check the free space and permissions of its folder\)\n", err.getvalue())
     assert out.read_bytes() == b"previous output" and os.listdir(env.tmp) == ["out.pt"]
 
 
-def convert_error(argv):
-    """The converter's error path: exit status 1 and one 'error: ...' line, raised for the table."""
+def convert_error(argv, status=2):
+    """The converter's error path: exit status 2 (a bad input) and one 'prog: error: ...' line,
+    raised for the table."""
     def run(env):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             rc = convert_main([a(env) if callable(a) else a for a in argv])
         lines = err.getvalue().splitlines()
-        assert rc == 1 and len(lines) == 1, err.getvalue()
+        assert rc == status and len(lines) == 1, err.getvalue()
         raise CheckpointError(lines[0])
     return run
 
@@ -668,10 +670,11 @@ CHECKPOINT_CASES = [
      r"missing ViT keys \(release names\) \['mlp_head\.0\.weight'\]"),
     ("convert-truncated-input", convert_error([lambda env: truncated(env, env.ckpt.release),
                                                lambda env: str(env.tmp / "o.pt")]),
-     CheckpointError, r"^error: cannot read checkpoint .*cut\.pt .*truncated"),
+     CheckpointError, r"^python -m lafs_fast\.convert: error: cannot read checkpoint .*cut\.pt .*truncated"),
     ("convert-output-under-a-file", convert_error([lambda env: env.ckpt.release,
                                                    lambda env: str(file_with(env, b"x", "f")) + "/o.pt"]),
-     CheckpointError, r"^error: cannot write .*f/o\.pt: cannot create the folder of checkpoint"),
+     CheckpointError, r"^python -m lafs_fast\.convert: error: cannot write .*f/o\.pt: cannot create the folder of "
+                      r"checkpoint .*\(give a file path whose parents are folders\)$"),
     ("convert-disk-full-keeps-output", convert_keeps_output, RECOVERS, "old output untouched"),
     ("save-disk-full-keeps-last", ring_keeps_last_good("disk-full"), RECOVERS, "nothing written is lost"),
     ("save-interrupted-keeps-last", ring_keeps_last_good("interrupted"), RECOVERS, "nothing written is lost"),
@@ -726,66 +729,70 @@ def empty_identity_folders(env):
 
 
 def cli_subprocess(env):
-    """The real process: exit status 1 and exactly one stderr line, no traceback."""
+    """The real process: exit status 2 (an unreadable input) and exactly one stderr line, no traceback."""
     bad = truncated(env, env.ckpt.ours)
     res = subprocess.run([sys.executable, "-m", "lafs_fast.train", "eval", "--checkpoint", bad, "--orl", "false"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
     raise CliExit(f"[{res.returncode}] {lines[0]}")
 
 
+# A usage error ends with where to read about the options.
+SEE_HELP = r" \(see python -m lafs_fast\.train \w+ --help\)$"
+
 CLI_CASES = [
     ("cli-unknown-flag", cli("finetune", "--no-such-flag", "1"), CliExit,
-     r"^\[2\] .*error: unrecognized arguments: --no-such-flag 1$"),
-    ("cli-unknown-command", cli("frobnicate"), CliExit, r"^\[1\] .*unknown command 'frobnicate'"),
+     r"^\[2\] .*error: unrecognized arguments: --no-such-flag 1" + SEE_HELP),
+    ("cli-unknown-command", cli("frobnicate"), CliExit, r"^\[2\] python -m lafs_fast\.train: error: unknown command 'frobnicate' \(choose from pipeline, "
+                                                r"finetune, pretrain, eval; see python -m lafs_fast\.train --help\)$"),
     ("cli-negative-batch", cli("finetune", "--batch-size", "-4"), CliExit,
-     r"^\[2\] .*--batch-size must be >= 2, got -4$"),
+     r"^\[2\] .*--batch-size must be >= 2, got -4" + SEE_HELP),
     ("cli-negative-batch-pretrain", cli("pretrain", "--landmarks", "grid", "--batch-size", "-1"), CliExit,
-     r"^\[2\] .*--batch-size must be >= 1, got -1$"),
+     r"^\[2\] .*--batch-size must be >= 1, got -1" + SEE_HELP),
     ("cli-batch-not-a-number", cli("finetune", "--batch-size", "four"), CliExit,
-     r"^\[2\] .*argument --batch-size: invalid .* value: 'four'$"),
+     r"^\[2\] .*argument --batch-size: invalid .* value: 'four'" + SEE_HELP),
     ("cli-bad-choice", cli("finetune", "--loss", "softmax"), CliExit, r"^\[2\] .*--loss: invalid choice: 'softmax'"),
     ("cli-missing-data-path", cli("finetune", "--dataset", "folder", "--data-path", "/no/such/dir",
                                   "--out-dir", out_dir),
-     CliExit, r"^\[1\] .*error: --data-path: '/no/such/dir' does not exist$"),
+     CliExit, r"^\[2\] .*error: --data-path: '/no/such/dir' does not exist$"),
     ("cli-data-path-required", cli("finetune", "--dataset", "recordio"), CliExit,
-     r"^\[2\] .*--data-path is required for --dataset recordio$"),
+     r"^\[2\] .*--data-path is required for --dataset recordio" + SEE_HELP),
     ("cli-folder-without-images", cli("finetune", "--dataset", "folder", "--data-path", empty_identity_folders,
-                                      "--out-dir", out_dir), CliExit, r"^\[1\] .*error: no images .* identity folders"),
+                                      "--out-dir", out_dir), CliExit, r"^\[2\] .*error: no images .* identity folders"),
     ("cli-missing-init", cli("finetune", "--init", "/no/such/file.pt"), CliExit,
-     r"^\[2\] .*--init: no such file /no/such/file\.pt$"),
+     r"^\[2\] .*--init: no such file /no/such/file\.pt" + SEE_HELP),
     ("cli-missing-landmark-init", cli("pretrain", "--landmark-init", "/no/such.pt"), CliExit,
-     r"^\[2\] .*--landmark-init: no such file /no/such\.pt$"),
+     r"^\[2\] .*--landmark-init: no such file /no/such\.pt" + SEE_HELP),
     ("cli-eval-missing-checkpoint", cli("eval", "--checkpoint", "/no/such.pt"), CliExit,
-     r"^\[2\] .*--checkpoint: no such file /no/such\.pt$"),
+     r"^\[2\] .*--checkpoint: no such file /no/such\.pt" + SEE_HELP),
     ("cli-eval-missing-bin", cli("eval", "--checkpoint", lambda env: env.ckpt.ours, "--bins", "/no/lfw.bin"), CliExit,
-     r"^\[2\] .*--bins: no such file /no/lfw\.bin$"),
+     r"^\[2\] .*--bins: no such file /no/lfw\.bin" + SEE_HELP),
     ("cli-eval-truncated-checkpoint", cli("eval", "--checkpoint", lambda env: truncated(env, env.ckpt.ours),
                                           "--orl", "false"), CliExit,
-     r"^\[1\] .*eval: error: cannot read checkpoint .*cut\.pt"),
+     r"^\[2\] .*eval: error: cannot read checkpoint .*cut\.pt"),
     ("cli-eval-bin-not-a-pickle", cli("eval", "--checkpoint", lambda env: env.ckpt.ours, "--orl", "false", "--bins",
                                       lambda env: file_with(env, b"junk", "lfw.bin")), CliExit,
-     r"^\[1\] .*eval: error: .*lfw\.bin is not an insightface verification \.bin"),
+     r"^\[2\] .*eval: error: .*lfw\.bin is not an insightface verification \.bin"),
     ("cli-unwritable-out-dir", cli("finetune", "--dataset", "synthetic", "--out-dir",
                                    lambda env: file_with(env, b"a file", "plain") + "/run"), CliExit,
-     r"^\[1\] .*error: output directory '.*plain/run' is not writable: Not a directory$"),
+     r"^\[2\] .*error: output directory '.*plain/run' is not writable: Not a directory$"),
     ("cli-config-missing", cli("finetune", "--config", "/no/such.yaml"), CliExit,
-     r"^\[2\] .*--config: cannot read /no/such\.yaml: No such file or directory$"),
+     r"^\[2\] .*--config: cannot read /no/such\.yaml: No such file or directory" + SEE_HELP),
     ("cli-config-not-yaml", cli("finetune", "--config", yaml_file("epochs: [1\nlr: :")), CliExit,
      r"^\[2\] .*--config: .*run\.yaml is not valid YAML: "),
     ("cli-config-unknown-key", cli("finetune", "--config", yaml_file("epochs: 3\nbogus: 1\n")), CliExit,
      r"^\[2\] .*--config: unknown option 'bogus'"),
     ("cli-config-wrong-type", cli("finetune", "--config", yaml_file("epochs: 2.5\n")), CliExit,
-     r"^\[2\] .*--config: bad value for 'epochs': invalid literal for int\(\) with base 10: '2\.5'$"),
+     r"^\[2\] .*--config: bad value for 'epochs': invalid literal for int\(\) with base 10: '2\.5'" + SEE_HELP),
     ("cli-config-empty-value", cli("finetune", "--config", yaml_file("batch-size:\n")), CliExit,
      r"^\[2\] .*--config: bad value for 'batch-size'"),
     ("cli-config-bad-choice", cli("finetune", "--config", yaml_file("loss: softmax\n")), CliExit,
-     r"^\[2\] .*--config: 'loss' must be one of \['cosface', 'arcface'\], got 'softmax'$"),
+     r"^\[2\] .*--config: 'loss' must be one of \['cosface', 'arcface'\], got 'softmax'" + SEE_HELP),
     ("cli-config-negative-batch", cli("finetune", "--config", yaml_file("batch-size: -4\n")), CliExit,
-     r"^\[2\] .*--batch-size must be >= 2, got -4$"),
-    ("cli-subprocess-one-line", cli_subprocess, CliExit, r"^\[1\] python -m lafs_fast\.train eval: error: cannot read "
+     r"^\[2\] .*--batch-size must be >= 2, got -4" + SEE_HELP),
+    ("cli-subprocess-one-line", cli_subprocess, CliExit, r"^\[2\] python -m lafs_fast\.train eval: error: cannot read "
                                                          r"checkpoint .*cut\.pt .*truncated"),
 ]
 

@@ -54,7 +54,7 @@ def read_list(path):
 
 
 @pytest.mark.parametrize("flip", [True, False])
-def test_embed_folder_names_and_skips_bad_images(model_file, tmp_path, flip):
+def test_embed_folder_names_and_skips_bad_images(model_file, tmp_path, flip, capsys):
     path, model = model_file
     imgs = faces(5)
     root = tmp_path / "faces"
@@ -67,6 +67,9 @@ def test_embed_folder_names_and_skips_bad_images(model_file, tmp_path, flip):
     rc = embed.main(["--checkpoint", path, "--images", str(root), "--out", str(tmp_path / "f"),
                      "--batch-size", "2", "--workers", "0", "--flip", str(flip).lower()])
     assert rc == 0
+    out, err = capsys.readouterr()  # the counts are exact: 5 of the 6 images embedded
+    assert err.splitlines()[-1].startswith("embedded 5/6 images, 1 unreadable (")
+    assert "6 items -> " in out and "; 5 embedded, 1 unreadable" in out
     feats, lines = np.load(tmp_path / "f.npy"), read_list(tmp_path / "f.txt")
     order = sorted(names + ["b/broken.png"])
     assert [l[0] for l in lines] == order and feats.shape == (6, model.dim)

@@ -108,7 +108,7 @@ def test_sigkill_mid_save_then_resume_is_exact(kind, tmp_path, restore_threads):
 
 
 @pytest.mark.slow  # 3 short runs (~7 s)
-def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp_path, restore_threads):
+def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp_path, restore_threads, capsys):
     """docs/training.md, "Exact resume": a different global batch is refused (the data order would not continue); a
     different world size continues the data order but restarts the per-rank streams, with a warning."""
     from lafs_fast.train.__main__ import main as cli_main
@@ -116,9 +116,11 @@ def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp
     assert cli_main([*args, "--stop-after", "1", "--save-every", "1"])["stopped"]
     ckpt = tmp_path / "step-00000001.pt"
     assert torch.load(ckpt, weights_only=False)["global_batch"] == 16
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:   # one line naming the problem, no traceback
         cli_main([*args, "--resume", "true", "--batch-size", "8"])
-    msg = str(e.value.code)
+    msg = capsys.readouterr().err
+    assert e.value.code == 2 and len(msg.splitlines()) == 1, msg
     assert "global batch of 16" in msg and "this run has 8" in msg, msg
     assert [f for f in os.listdir(tmp_path) if f.startswith("step-")] == ["step-00000001.pt"]  # nothing ran
 

@@ -97,3 +97,80 @@ def test_missing_tensorboard_is_one_line_naming_the_extra(tmp_path):
     assert res.stdout.strip() == ("TensorBoard logging needs the tensorboard extra "
                                   "(pip install 'lafs_fast[tensorboard]')")
     assert not (tmp_path / "tb").exists()
+
+
+# ----------------------------------------------------------------------------- in the training loop
+@pytest.fixture
+def threads():
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def jsonl_records(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_2_epoch_orl_finetune_with_tensorboard_writes_what_metrics_jsonl_holds(tmp_path, capsys, threads):
+    """--tensorboard: the run's scalars in OUT/tb, read back by TensorBoard's reader, equal to
+    metrics.jsonl's; the epoch lines carry the corrupt-image count; plot draws the run."""
+    from lafs_fast import plot
+    from lafs_fast.train.__main__ import main as train_main
+    out = tmp_path / "run"
+    res = train_main(["finetune", "--fewshot", "2", "--batch-size", "20", "--epochs", "2", "--warmup-epochs", "0.5",
+                      "--no-eval", "--log-every", "1", "--progress", "false", "--device", "cpu",
+                      "--tensorboard", "--out-dir", str(out)])
+    assert res["steps"] == 2 * (60 // 20)  # ORL's 30 training subjects x 2 images
+    assert any(p.name.startswith("events.out.tfevents.") for p in (out / "tb").iterdir())
+    got = read_scalars(out / "tb")
+    records = jsonl_records(out)
+    steps = {r["step"]: r for r in records if r["stage"] == "finetune" and "step" in r}
+    for key in ("loss", "lr", "images_per_s", "grad_norm", "drift"):  # (the summary line repeats the last step)
+        assert dict(got[f"finetune/{key}"]) == {s: pytest.approx(steps[s][key], rel=1e-6) for s in steps}, key
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    epochs = [r for r in records if r["stage"] == "finetune_epoch"]
+    assert [(r["step"], r["epoch"], r["corrupt_images"]) for r in epochs] == [(3, 0, 0), (6, 1, 0)]
+    assert got["finetune_epoch/corrupt_images"] == [(3, 0.0), (6, 0.0)]
+    assert plot.main([str(out)]) == 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrain_logs_weight_decay_and_teacher_temperature(tmp_path, threads):
+    from lafs_fast.dino import teacher_temp_schedule, weight_decay_schedule
+    from lafs_fast.train.__main__ import main as train_main
+    out = tmp_path / "run"
+    train_main(["pretrain", "--landmarks", "grid", "--dataset", "synthetic", "--batch-size", "8", "--epochs", "2",
+                "--n-local", "1", "--out-dim", "16", "--head-hidden", "16", "--head-bottleneck", "8",
+                "--warmup-teacher-temp", "0.07", "--warmup-teacher-temp-epochs", "2", "--log-every", "1",
+                "--progress", "false", "--device", "cpu", "--tensorboard", "--out-dir", str(out)])
+    steps = [r for r in jsonl_records(out) if r["stage"] == "pretrain" and "step" in r][:12]
+    wd = weight_decay_schedule(2, 6, 0.04, 0.4)
+    temps = teacher_temp_schedule(0.07, 0.04, 2, 2)
+    assert [r["weight_decay"] for r in steps] == pytest.approx([float(wd[s - 1]) for s in range(1, 13)])
+    assert [r["teacher_temp"] for r in steps] == pytest.approx([float(temps[(s - 1) // 6]) for s in range(1, 13)])
+    got = read_scalars(out / "tb")
+    assert [v for _, v in got["pretrain/teacher_temp"]][:12] == pytest.approx([r["teacher_temp"] for r in steps])
+
+
+def test_the_corrupt_images_of_each_epoch_are_counted(tmp_path, threads):
+    """A folder with one undecodable image among 12: each epoch's line counts it (the second
+    epoch passes it over for free, flagged by the first, and still counts it as missing)."""
+    from lafs_fast.data.image_folder import encode_image
+    from lafs_fast.train.__main__ import main as train_main
+    import torch
+    root = tmp_path / "faces"
+    g = torch.Generator().manual_seed(0)
+    for person in ("ann", "bob", "cid", "dan"):
+        (root / person).mkdir(parents=True)
+        for k in range(3):
+            img = torch.randint(0, 256, (3, 112, 112), dtype=torch.uint8, generator=g)
+            (root / person / f"{k}.png").write_bytes(encode_image(img, "png"))
+    (root / "bob" / "1.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "run"
+    with pytest.warns(Warning, match="bob/1.png"):
+        train_main(["finetune", "--dataset", "folder", "--data-path", str(root), "--batch-size", "4", "--epochs", "2",
+                    "--warmup-epochs", "0.5", "--workers", "0", "--no-eval", "--progress", "false", "--device", "cpu",
+                    "--out-dir", str(out)])
+    epochs = [r for r in jsonl_records(out) if r["stage"] == "finetune_epoch"]
+    assert [(r["epoch"], r["corrupt_images"]) for r in epochs] == [(0, 1), (1, 1)]

@@ -122,12 +122,12 @@ def test_cli_rejects_bad_options(args, words, capsys):
     assert words in err, err[-2000:]
 
 
-def test_cli_rejects_unwritable_output_dir(tmp_path):
+def test_cli_rejects_unwritable_output_dir(tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.write_text("a file, not a folder")
     with pytest.raises(SystemExit) as e:
         cli_main(["finetune", "--dataset", "synthetic", "--epochs", "1", "--out-dir", str(ro / "sub")])
-    assert "not writable" in str(e.value.code)
+    assert e.value.code == 2 and "not writable" in capsys.readouterr().err
 
 
 def test_help_documents_every_option(capsys):

@@ -14,13 +14,13 @@ from .orl import NAME as ORL_NAME
 from .orl import evaluate_orl
 
 
-def evaluate_bin(model, path: str, batch_size: int = 64) -> dict:
+def evaluate_bin(model, path: str, batch_size: int = 64, n_folds: int = 10) -> dict:
     """The verification report of one .bin file (its pairs are consecutive images)."""
     from .bin_reader import load_bin
     images, same = load_bin(path)
     n = len(same)
     return verification.evaluate_pairs(model, images, list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2)),
-                                       same.numpy(), batch_size=batch_size)
+                                       same.numpy(), batch_size=batch_size, n_folds=n_folds)
 
 
 @dataclass
@@ -30,6 +30,8 @@ class EvalConfig:
     landmark_cnn: str = config.field("", "for an official LAFS checkpoint without landmark CNN: its source")
     bins: list[str] = config.field([], "comma-separated insightface .bin files (lfw.bin, cfp_fp.bin, ...)")
     orl: bool = config.field(True, "also evaluate the held-out ORL pairs")
+    folds: int = config.field(10, "folds of the k-fold accuracy (a threshold picked on k-1 folds, tested on the "
+                                  "k-th); at most the number of pairs of the smallest set")
     batch_size: int = config.field(64, "images per forward pass")
     device: str = config.field("auto", "cpu, cuda or auto")
 
@@ -39,6 +41,8 @@ class EvalConfig:
         for b in self.bins:
             config.require(os.path.exists(b), f"--bins: no such file {b}")
         config.require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        config.require(self.folds >= 2, f"--folds must be >= 2 (one fold to test, the rest to pick the "
+                                        f"threshold), got {self.folds}")
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -48,9 +52,9 @@ def run(cfg: EvalConfig) -> dict:
     model = load_any_model(cfg.checkpoint, cfg.landmark_cnn or None).to(device).eval()
     reports = {}
     if cfg.orl:
-        reports[ORL_NAME] = evaluate_orl(model, device, cfg.batch_size)
+        reports[ORL_NAME] = evaluate_orl(model, device, cfg.batch_size, cfg.folds)
     for path in cfg.bins:
-        reports[os.path.basename(path)] = evaluate_bin(model, path, cfg.batch_size)
+        reports[os.path.basename(path)] = evaluate_bin(model, path, cfg.batch_size, cfg.folds)
     verification.print_table(reports)
     out = os.path.splitext(cfg.checkpoint)[0] + ".eval.json"
     with open(out, "w") as f:

@@ -22,13 +22,14 @@ def shuffled_orl_pairs():
     return idx1[perm], idx2[perm], same[perm]
 
 
-def evaluate_orl(model, device, batch_size: int = 64) -> dict:
-    """Held-out ORL verification of a model (flip-summed embeddings, cosine scores)."""
+def evaluate_orl(model, device, batch_size: int = 64, n_folds: int = 10) -> dict:
+    """Held-out ORL verification of a model (flip-summed embeddings, cosine scores; n_folds-fold
+    accuracy)."""
     images, _ = data.load_orl()
     idx1, idx2, same = shuffled_orl_pairs()
     model = model.to(device)
     return verification.evaluate_pairs(model, images, idx1.numpy(), idx2.numpy(), same.numpy(),
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, n_folds=n_folds)
 
 
 def raw_pixel_orl() -> dict:

@@ -10,6 +10,9 @@
 """
 import sys
 
+from .. import cli
+
+PROG = "python -m lafs_fast.train"
 COMMANDS = ("pipeline", "finetune", "pretrain", "eval")
 
 
@@ -23,7 +26,22 @@ def _backend_flag(argv):
     return None
 
 
+def _runner(command: str):
+    if command == "finetune":
+        from .finetune import main
+    elif command == "pretrain":
+        from .pretrain import main
+    elif command == "eval":
+        from ..eval.bins import main
+    else:
+        from .pipeline import main
+    return main
+
+
 def main(argv=None):
+    """The command's result; bad usage or input ends the process with one line on stderr and exit
+    status 2, a failure at run time (a full disk, a diverged loss, a missing extra) with status 1
+    (lafs_fast.cli)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -32,25 +50,20 @@ def main(argv=None):
     if argv and not argv[0].startswith("-"):
         command = argv.pop(0)
         if command not in COMMANDS:
-            sys.exit(f"python -m lafs_fast.train: unknown command {command!r}; choose from {', '.join(COMMANDS)}")
-    if command == "finetune":
-        from .finetune import main as run
-    elif command == "pretrain":
-        from .pretrain import main as run
-    elif command == "eval":
-        from ..eval.bins import main as run
-    else:
-        from .pipeline import main as run
-    from ..checkpoint import CheckpointError
+            cli.report(PROG, f"unknown command {command!r} (choose from {', '.join(COMMANDS)}; see {PROG} --help)")
+            sys.exit(cli.USAGE_EXIT)
     from ..ops import BackendUnavailable, require_compiled
     try:
         if not any(a in ("-h", "--help", "--print-config") for a in argv):
             require_compiled(_backend_flag(argv))
-        return run(argv)
-    except (ValueError, CheckpointError, OSError, FloatingPointError, BackendUnavailable) as e:
-        # Problems with the user's input, data or disk (a missing or unwritable file, a full
-        # disk): one clear line, not a traceback.
-        sys.exit(f"python -m lafs_fast.train {command}: error: {e}")
+        return _runner(command)(argv)
+    except Exception as e:  # noqa: BLE001 -- a bug (not classified) keeps its traceback
+        code = cli.USAGE_EXIT if isinstance(e, BackendUnavailable) else cli.exit_status(e)
+        if code is None:
+            raise
+        # Problems with the user's input, data or disk: one clear line, not a traceback.
+        cli.report(f"{PROG} {command}", str(e))
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from .. import config
+from ..cli import CommandError, UsageError
+from ..ops import BACKENDS
 from . import distributed
 
 
@@ -35,7 +37,15 @@ class RunConfig:
     out_dir: str = config.field("runs/train", "where checkpoints, metrics.jsonl and pictures go")
     keep_checkpoints: int = config.field(3, "checkpoints kept (oldest removed)")
     save_every: int = config.field(0, "steps between mid-epoch checkpoints (0 = only at epoch ends)")
-    resume: bool = config.field(False, "continue from the newest checkpoint in out_dir")
+    resume: config.BoolOrAuto = config.field(False, "continue the run in --out-dir from its newest checkpoint "
+                                                    "(an error when it has none); auto: continue when there is "
+                                                    "a checkpoint, else start fresh")
+    overwrite: bool = config.field(False, "replace the run already in --out-dir: its metrics.jsonl, "
+                                          "checkpoints and TensorBoard events are removed first")
+    tensorboard: bool = config.field(False, "also write the metrics as TensorBoard event files in OUT/tb "
+                                            "(pip install 'lafs_fast[tensorboard]')")
+    backend: str = config.field("auto", "op backend (reference: the slow pure-PyTorch ops, also without the "
+                                        "compiled kernels)", choices=list(BACKENDS))
     stop_after: int = config.field(0, "stop after this many steps, schedule unchanged (0 = run to the end)")
     seed: int = config.field(0, "random seed (data order, augmentation, init)")
     deterministic: bool = config.field(False, "deterministic algorithms only (bitwise repeatable for the "
@@ -54,6 +64,11 @@ class RunConfig:
         config.require(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         config.require(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
         config.require(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")
+        config.require(self.resume in (False, True, config.AUTO),
+                       f"--resume must be true, false or auto, got {self.resume!r}")
+        config.require(not (self.resume and self.overwrite),
+                       "--resume and --overwrite exclude each other (--resume continues the run in "
+                       "--out-dir, --overwrite replaces it)")
 
 
 def setup_run(cfg: RunConfig) -> tuple[torch.device, str]:
@@ -66,9 +81,27 @@ def setup_run(cfg: RunConfig) -> tuple[torch.device, str]:
         set_deterministic()
     amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
     distributed.init(device, cfg.dist_timeout)
-    ensure_writable_dir(cfg.out_dir)
+    prepare_out_dir(cfg)
     seed_everything(cfg.seed)
     return device, amp
+
+
+@contextlib.contextmanager
+def backend_scope(backend: str):
+    """--backend for every op the run calls (the model's patch embedding included): the ops'
+    "auto" resolves through LAFS_FAST_BACKEND, set for the run and restored after it."""
+    if backend in ("", "auto"):
+        yield
+        return
+    before = os.environ.get("LAFS_FAST_BACKEND")
+    os.environ["LAFS_FAST_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LAFS_FAST_BACKEND", None)
+        else:
+            os.environ["LAFS_FAST_BACKEND"] = before
 
 
 def set_deterministic() -> None:
@@ -111,15 +144,111 @@ def autocast(device: torch.device, amp: str):
 
 
 def ensure_writable_dir(path: str) -> str:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"output directory {path!r} is not writable: {e.strerror}") from None
-    return path
+    """Check that `path` is, or can become, a writable folder, writing nothing: a run that fails
+    before its first step leaves no trace (the folder is made when the run starts writing)."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        reason = "Not a directory"  # the path or one of its parents is a file
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        reason = "Permission denied"
+    else:
+        return path
+    raise ValueError(f"output directory {path!r} is not writable: {reason}")
+
+
+# ----------------------------------------------------------------------------- the out dir
+# What a run writes that a later run in the same folder would mix with its own: the first two
+# mark a folder as holding a run; --overwrite removes them all.
+RUN_MARKS = ("metrics.jsonl", "step-*.pt")
+RUN_FILES = RUN_MARKS + ("step-*.pt.head-*-of-*", ".tmp_step-*", "best.pt",
+                         os.path.join("tb", "events.out.tfevents.*"))
+
+
+def run_files(out_dir: str, patterns=RUN_FILES) -> list[str]:
+    return sorted(p for pat in patterns for p in glob.glob(os.path.join(out_dir, pat)))
+
+
+def holds_run(out_dir: str) -> bool:
+    return bool(run_files(out_dir, RUN_MARKS))
+
+
+def newest_checkpoint(out_dir: str) -> Optional[str]:
+    return CheckpointRing(out_dir).latest()
+
+
+def resume_hint(cfg, flag: str = "--resume") -> str:
+    """How to run cfg's command again with `flag`: the command line itself when known."""
+    made = config.command_with(cfg, flag, drop=("resume", "overwrite"))
+    return made or f"the same command with {flag} (--out-dir {cfg.out_dir})"
+
+
+def prepare_out_dir(cfg: RunConfig) -> None:
+    """Runs never mix in one --out-dir: a folder holding another run (metrics.jsonl or
+    checkpoints) is refused unless --resume (continue it) or --overwrite (remove its files
+    first); --resume with no checkpoint there is an error, --resume auto then starts fresh (and
+    removes what a run that saved no checkpoint left). With --tensorboard, its package must be
+    there. Rank 0 decides and removes, every rank gets its verdict (another rank may get here
+    while rank 0 still writes the previous run's last checkpoint)."""
+    from .._extras import MissingExtra, require_extra
+    problem = None
+    if distributed.info().is_main:
+        try:
+            if cfg.tensorboard:  # rank 0 writes the event files
+                require_extra("tensorboard", "tensorboard", "--tensorboard")
+            _claim_out_dir(cfg)
+        except (ValueError, CommandError, MissingExtra) as e:  # bad usage, an unwritable folder
+            problem = e
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise problem
+
+
+def _claim_out_dir(cfg: RunConfig) -> None:
+    out = cfg.out_dir
+    ensure_writable_dir(out)
+    latest = newest_checkpoint(out) if os.path.isdir(out) else None
+    if cfg.resume is True and latest is None:
+        there = "no step-*.pt checkpoint there" if os.path.isdir(out) else "the folder does not exist"
+        raise UsageError(f"--resume: nothing to resume in {out} ({there})",
+                         "give the --out-dir of the run to continue, or --resume auto to start fresh "
+                         "when there is none")
+    if not cfg.resume and not cfg.overwrite and os.path.isdir(out) and holds_run(out):
+        raise UsageError(f"--out-dir {out} holds another run ({', '.join(describe_run(out))})",
+                         "continue it with --resume, replace it with --overwrite, or choose another --out-dir")
+    clear = cfg.overwrite or (cfg.resume == config.AUTO and latest is None)
+    doomed = run_files(out) if clear and os.path.isdir(out) else []
+    _refuse_removing_inputs(cfg, doomed)
+    for path in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    if doomed:
+        names = sorted({os.path.basename(p) for p in doomed})
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        why = "--overwrite" if cfg.overwrite else "--resume auto (no checkpoint to resume)"
+        print(f"{why}: removed {len(doomed)} file(s) of the earlier run in {out}: {shown}", flush=True)
+
+
+def describe_run(out_dir: str) -> list[str]:
+    found = []
+    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        found.append("metrics.jsonl")
+    n = len(CheckpointRing(out_dir).existing())
+    if n:
+        newest = os.path.basename(newest_checkpoint(out_dir))
+        found.append(f"{n} checkpoint{'s' if n > 1 else ''}, the newest {newest}")
+    return found
+
+
+def _refuse_removing_inputs(cfg, doomed: list[str]) -> None:
+    """--overwrite must not remove a file this run reads (an --init checkpoint in --out-dir)."""
+    doomed_real = {os.path.realpath(p) for p in doomed}
+    for name in ("init", "landmark_init"):
+        path = getattr(cfg, name, "")
+        if path and os.path.realpath(path) in doomed_real:
+            raise UsageError(f"--{name.replace('_', '-')} {path} is a file of the run --overwrite removes",
+                             "copy it out of --out-dir first, or choose another --out-dir")
 
 
 # ----------------------------------------------------------------------------- optimiser

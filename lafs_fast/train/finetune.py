@@ -56,7 +56,7 @@ class FinetuneConfig(common.RunConfig):
     clip_grad: float = config.field(5.0, "gradient-norm clip (0 = off)")
     loss: str = config.field("cosface", "margin loss", choices=["cosface", "arcface"])
     scale: float = config.field(32.0, "margin-loss scale s (64 in the paper for large data)")
-    margin: float = config.field(0.4, "margin m (CosFace 0.4, ArcFace 0.5)")
+    margin: Optional[float] = config.field(None, "margin m (default: the loss's, CosFace 0.4, ArcFace 0.5)")
     # --- Partial FC (class-sharded head): see partial_fc_enabled for the auto rule
     partial_fc: str = config.field("auto", "class-sharded margin head under torchrun (Partial FC); auto: on "
                                            "when world size > 1 and classes >= 10000, or --sample-rate < 1",
@@ -282,13 +282,21 @@ def partial_fc_enabled(cfg: FinetuneConfig, num_classes: int, world_size: int) -
     return cfg.sample_rate < 1 or (world_size > 1 and num_classes >= PARTIAL_FC_AUTO_CLASSES)
 
 
+DEFAULT_MARGINS = {"cosface": 0.4, "arcface": 0.5}  # CosFace's and ArcFace's papers
+
+
+def margin_of(cfg: FinetuneConfig) -> float:
+    """--margin, or the loss's own default when it is not given."""
+    return DEFAULT_MARGINS[cfg.loss] if cfg.margin is None else cfg.margin
+
+
 def build_head(cfg: FinetuneConfig, dim: int, num_classes: int, device):
     """The margin head: replicated CosFace / ArcFace, or this rank's Partial FC shard."""
     if partial_fc_enabled(cfg, num_classes, distributed.info().world_size):
-        return PartialFC(dim, num_classes, loss=cfg.loss, s=cfg.scale, m=cfg.margin,
+        return PartialFC(dim, num_classes, loss=cfg.loss, s=cfg.scale, m=margin_of(cfg),
                          sample_rate=cfg.sample_rate, seed=cfg.seed).to(device)
     Head = CosFace if cfg.loss == "cosface" else ArcFace
-    return Head(dim, num_classes, s=cfg.scale, m=cfg.margin).to(device)
+    return Head(dim, num_classes, s=cfg.scale, m=margin_of(cfg)).to(device)
 
 
 def class_targets(head, y: torch.Tensor, num_classes: int, rows: slice, global_batch: int) -> torch.Tensor:
@@ -481,8 +489,8 @@ def default_hooks(run: FinetuneRun) -> list:
     if not run.is_main:
         return []
     cfg, hooks = run.cfg, []
-    validator = Validator(cfg.val_bins, run.model.image_size, cfg.out_dir, run.logger, resume=cfg.resume,
-                          every=cfg.val_every)
+    validator = Validator(cfg.val_bins, run.model.image_size, cfg.out_dir, run.logger, resume=run.step > 0,
+                          every=cfg.val_every)  # a resumed run keeps its best.pt
     if validator:
         hooks.append(validator)
     if cfg.eval:
@@ -492,7 +500,7 @@ def default_hooks(run: FinetuneRun) -> list:
 
 def run(cfg: FinetuneConfig, log_prefix: str = "finetune") -> dict:
     """Train; under torchrun every rank calls this and returns rank 0's result."""
-    with distributed.failure_guard():
+    with distributed.failure_guard(), common.backend_scope(cfg.backend):
         training = build_run(cfg, log_prefix)
         return fit(training, train_one_epoch, default_hooks(training))
 

@@ -79,7 +79,6 @@ class PretrainConfig(common.RunConfig):
     weight_init: str = config.field("timm", "student init: timm (trunc-normal 0.02, lafs_fast's default) or "
                                             "release (cls_token, pos_embedding ~ N(0, 1), PyTorch's default Linear "
                                             "init, DINO head's last layer likewise)", choices=["timm", "release"])
-    backend: str = config.field("auto", "op backend", choices=list(ops.BACKENDS))
     landmark_source: str = config.field("view", "view: the frozen CNN predicts landmarks on every view's clean "
                                                 "copy (the release); image: once per face, mapped into each view "
                                                 "through its crop and flip (10x fewer CNN calls)",
@@ -325,12 +324,13 @@ def train_one_epoch(run: PretrainRun, epoch: int) -> Iterator[dict]:
         run.step += 1
         run.seen += x.shape[0] * distributed.info().world_size
         yield {"step": run.step, "epoch": epoch, "loss": shown.item(), "lr": float(schedule["lr"][step]),
-               "momentum": float(schedule["momentum"][step]), "grad_norm": float(gnorm)}
+               "weight_decay": float(schedule["weight_decay"][step]), "momentum": float(schedule["momentum"][step]),
+               "teacher_temp": run.dino_loss.teacher_temp(epoch), "grad_norm": float(gnorm)}
 
 
 def run(cfg: PretrainConfig, log_prefix: str = "pretrain") -> dict:
     """Pretrain; under torchrun every rank calls this and returns rank 0's result."""
-    with distributed.failure_guard():
+    with distributed.failure_guard(), common.backend_scope(cfg.backend):
         return fit(build_run(cfg, log_prefix), train_one_epoch)
 
 

@@ -5,6 +5,7 @@ steps: the progress bar, the metrics lines, checkpoints, the --stop-after check,
 (validation, evaluation) and the result every rank returns."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cli import RunError
 from . import common, distributed
 from .data_setup import TrainData
 from .progress import progress
@@ -40,11 +42,12 @@ class Run:
     seen: int = 0                       # images trained on by every rank since this process started
     last: dict = dataclasses.field(default_factory=dict)  # the latest step's metrics
     ring: common.CheckpointRing = dataclasses.field(init=False)
-    logger: common.JsonlLogger = dataclasses.field(init=False)
+    logger: common.JsonlLogger = dataclasses.field(init=False)  # or a TensorBoardLogger wrapping one
 
     def __post_init__(self):
+        os.makedirs(self.cfg.out_dir, exist_ok=True)  # checked by common.setup_run; made once the run starts
         self.ring = common.CheckpointRing(self.cfg.out_dir, self.cfg.keep_checkpoints)
-        self.logger = common.JsonlLogger(os.path.join(self.cfg.out_dir, "metrics.jsonl"))
+        self.logger = make_logger(self.cfg)
 
     @property
     def is_main(self) -> bool:
@@ -60,6 +63,8 @@ class Run:
                                            per_rank_gen=per_rank_generator, seed=self.cfg.seed)
         if state:
             self.step, self.start_epoch = state["step"], state["epoch"]
+        elif self.is_main:  # --resume auto (--resume true without a checkpoint stopped in setup_run)
+            print(f"--resume auto: no checkpoint in {self.cfg.out_dir}, starting fresh", flush=True)
         return state
 
     def write_checkpoint(self, epoch: int, **payload) -> None:
@@ -80,6 +85,70 @@ class Run:
         return {k: v for k, v in result.items() if k != "eval"}
 
 
+def make_logger(cfg: common.RunConfig):
+    """The run's metrics logger: OUT/metrics.jsonl, and with --tensorboard the same records as
+    TensorBoard scalars in OUT/tb."""
+    logger = common.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    if getattr(cfg, "tensorboard", False):
+        from .tensorboard import TensorBoardLogger
+        logger = TensorBoardLogger(os.path.join(cfg.out_dir, "tb"), also=logger)
+    return logger
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind e (torch's writer reports a failed write as a RuntimeError whose
+    context is the OSError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def failed_writes(run: Run, what: Optional[str] = None):
+    """A write that fails inside (a full disk, a file that cannot be written) as one line: what
+    could not be written, the checkpoint that survived and the command that continues from it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        target = what or (f"{cause.filename}" if cause.filename else f"the run's files in {run.cfg.out_dir}")
+        survived = run.ring.latest()
+        if survived:
+            fix = (f"the last checkpoint, {survived}, is intact; free space (or fix the folder's permissions), "
+                   f"then continue with: {common.resume_hint(run.cfg)}")
+        else:
+            fix = (f"no checkpoint was written; free space (or fix the folder's permissions), then start "
+                   f"again with: {common.resume_hint(run.cfg, '--overwrite')}")
+        raise RunError(f"could not write {target}: {cause.strerror or cause}", fix) from None
+
+
+def save_or_fail(run: Run, epoch: int) -> None:
+    """run.save_state; a checkpoint that cannot be written stops the run in one line."""
+    with failed_writes(run, f"checkpoint {run.ring.path(run.step)} at step {run.step}"):
+        run.save_state(epoch)
+
+
+def epoch_corrupt_images(run: Run, epoch: int) -> int:
+    """How many images of epoch `epoch` were unreadable (skipped), summed over ranks: the
+    dataset's count_corrupt over this rank's rows of the epoch's order (0 for in-memory data)."""
+    data = run.data
+    count = getattr(data.dataset, "count_corrupt", None)
+    n = 0
+    if count is not None:
+        used = run.steps_per_epoch * getattr(run.cfg, "accum_steps", 1)  # micro-batches the epoch took
+        r0 = data.rank * data.batch_size
+        rows = data.order(epoch).view(data.steps, data.global_batch)[:used, r0:r0 + data.batch_size]
+        n = count(data.indices[rows.flatten().numpy()])
+    total = torch.tensor([float(n)], device=run.device)
+    return int(distributed.all_reduce_sum_(total).item())
+
+
 def _call(hooks: Sequence, name: str, *args) -> None:
     """hook.<name>(*args) of every hook that defines it."""
     for hook in hooks:
@@ -91,10 +160,14 @@ def _call(hooks: Sequence, name: str, *args) -> None:
 def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: Sequence = ()) -> dict:
     """Train from run.start_epoch to --epochs. After each optimiser step (each metrics record
     train_one_epoch yields): the hooks, a metrics line every --log-every steps, a checkpoint every
-    --save-every steps, the --stop-after check; after each epoch: the hooks and a checkpoint
-    (unless that step was just saved); at the end, on rank 0: Run.finish, the hooks, the last
-    metrics line. Returns rank 0's result on every rank, once rank 0's final files exist (a
-    pipeline's next stage reads them), or {"steps", "stopped"} after --stop-after.
+    --save-every steps, the --stop-after check; after each epoch: the hooks, an "<stage>_epoch"
+    metrics line (corrupt_images: the epoch's unreadable, skipped images, every rank's) and a
+    checkpoint (unless that step was just saved); a checkpoint or final file that cannot be
+    written (a full disk) stops the run with a RunError naming the checkpoint that survived and
+    the command that continues from it; at the end, on rank 0:
+    Run.finish, the hooks, the last metrics line. Returns rank 0's result on every rank, once rank
+    0's final files exist (a pipeline's next stage reads them), or {"steps", "stopped"} after
+    --stop-after.
 
     A hook (arcface_torch's callbacks; lafs_fast.eval's Validator and OrlEvaluation) defines any
     of after_step(run, epoch), after_epoch(run, epoch) -- called before that step's or epoch's
@@ -108,23 +181,28 @@ def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: 
             ips = run.seen / max(1e-9, time.time() - t_start)
             bar.set_postfix(loss=f"{record['loss']:.3f}", ips=f"{ips:.1f}")
             run.last = record = {**record, "images_per_s": ips}
-            _call(hooks, "after_step", run, epoch)
+            with failed_writes(run):  # a validator's best.pt
+                _call(hooks, "after_step", run, epoch)
             if run.step % cfg.log_every == 0:
                 run.logger.log(stage=run.stage, **record)
             if cfg.save_every and run.step % cfg.save_every == 0:
-                run.save_state(epoch)
+                save_or_fail(run, epoch)
                 last_saved = run.step
             if cfg.stop_after and run.step >= cfg.stop_after:
                 bar.close()
                 return {"steps": run.step, "stopped": True}
-        _call(hooks, "after_epoch", run, epoch)
+        with failed_writes(run):  # a validator's best.pt
+            _call(hooks, "after_epoch", run, epoch)
+        run.logger.log(stage=run.stage + "_epoch", step=run.step, epoch=epoch,
+                       corrupt_images=epoch_corrupt_images(run, epoch))
         if last_saved != run.step:
-            run.save_state(epoch + 1)
+            save_or_fail(run, epoch + 1)
             last_saved = run.step
     bar.close()
     result = None
     if run.is_main:
-        result = run.finish()
-        _call(hooks, "at_end", run, result)
+        with failed_writes(run):  # model.pt / teacher.pt, pictures, evaluation reports
+            result = run.finish()
+            _call(hooks, "at_end", run, result)
         run.logger.log(stage=run.stage + "_done", **run.done_record(result))
     return distributed.broadcast_object(result)

@@ -297,15 +297,16 @@ def test_pretrain_loop_hands_each_step_its_schedules_temperature_and_a_training_
         seen["groups"].append([(g["lr"], g["weight_decay"], g["base_weight_decay"]) for g in opt.param_groups])
 
     real_ema, real_temp, real_forward = pretrain.ema_update_, dino.DINOLoss.teacher_temp, pretrain.LafsPretrainer.forward
+    real_loss = dino.DINOLoss.forward
 
     def ema(teacher, student, momentum):
         seen["momentum"].append(float(momentum))
         return real_ema(teacher, student, momentum)
 
-    def temp(self, epoch):
+    def loss(self, student_out, teacher_out, epoch):  # once per step: the temperature it divides by
         seen["temp"].append((int(epoch), real_temp(self, epoch)))
         seen["student_temp"].append(self.student_temp)
-        return real_temp(self, epoch)
+        return real_loss(self, student_out, teacher_out, epoch)
 
     def forward(self, *args, **kw):
         nets = (self.student, self.student_head, self.teacher, self.teacher_head)
@@ -313,7 +314,7 @@ def test_pretrain_loop_hands_each_step_its_schedules_temperature_and_a_training_
         return real_forward(self, *args, **kw)
 
     monkeypatch.setattr(pretrain, "ema_update_", ema)  # the name the loop calls
-    monkeypatch.setattr(dino.DINOLoss, "teacher_temp", temp)
+    monkeypatch.setattr(dino.DINOLoss, "forward", loss)
     monkeypatch.setattr(pretrain.LafsPretrainer, "forward", forward)
     handle = register_optimizer_step_pre_hook(before_adamw)
     threads = torch.get_num_threads()

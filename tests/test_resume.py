@@ -135,7 +135,7 @@ def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp
 
 
 @pytest.mark.parametrize("kind", ["finetune", "pretrain"])
-def test_resume_refuses_a_checkpoint_that_would_run_code(kind, tmp_path, restore_threads):
+def test_resume_refuses_a_checkpoint_that_would_run_code(kind, tmp_path, restore_threads, capsys):
     """A step-*.pt planted in the out-dir whose pickle calls a function (here: creates a file) is
     refused by --resume with one line naming it, and nothing of it runs."""
     from hostile import plant
@@ -146,8 +146,8 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(kind, tmp_path, restore
     plant(planted, marker, step=9, global_batch=16)
     with pytest.raises(SystemExit) as e:
         cli_main([kind, *COMMON, *ARGS[kind], "--out-dir", str(out), "--resume", "true"])
-    msg = str(e.value.code)
-    assert len(msg.splitlines()) == 1, msg
+    msg = capsys.readouterr().err
+    assert e.value.code == 2 and len(msg.splitlines()) == 1, (e.value.code, msg)
     assert str(planted) in msg and "refused, loading it would call" in msg, msg
     assert not marker.exists()  # the planted code did not run
     assert sorted(os.listdir(out)) == ["step-00000009.pt"]  # nor did the run

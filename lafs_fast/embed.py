@@ -15,10 +15,16 @@ Output: FEATS.npy, float32 (N, D), one row per input item in input order, L2-nor
 FEATS.txt, N lines "<name>\\tok" or "<name>\\tbad\\t<reason>". An unreadable image is skipped
 (never given to the model), named on stderr and in the list, and its .npy row is all NaN: rows
 and lines stay aligned and a bad row cannot pass for a face.
+
+--amp none (default) computes the features in float32, exactly as evaluation does. --amp bf16 /
+fp16 run the model under autocast (features returned in float32); auto picks bf16 on a CUDA GPU
+that has it (fp16 on older ones) and none on the CPU: on CPUs bf16 pays only with native bf16
+arithmetic, and moves the features by ~1e-2 (bench/embed_throughput.md measures both).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+AMP_CHOICES = ("none", "bf16", "fp16", "auto")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
 
 
@@ -118,20 +125,44 @@ def bin_items(path: str):
 
 
 # ----------------------------------------------------------------------------- embedding
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The precision --amp asks for on `device`: none, bf16 or fp16 (auto: bf16 on a CUDA GPU
+    with bf16, fp16 on one without, none on the CPU)."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "auto":
+        if device.type != "cuda":
+            return "none"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "fp16" and device.type == "cpu":
+        raise ValueError("--amp fp16 needs a CUDA device (CPUs have no fast float16 path); "
+                         "use --amp bf16 or none on the CPU")
+    return amp
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
 @torch.no_grad()
-def embed_uint8(model, images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """L2-normalised float32 features of uint8 (B, 3, S, S) images (flip-sum as in evaluation)."""
+def embed_uint8(model, images: torch.Tensor, flip: bool, amp: str = "none") -> torch.Tensor:
+    """L2-normalised float32 features of uint8 (B, 3, S, S) images (flip-sum as in evaluation),
+    the model run under `amp` autocast (none, bf16 or fp16; see resolve_amp)."""
     from .data import to_model_input
     x = to_model_input(images)
-    e = model(x).float()
-    if flip:
-        e = e + model(torch.flip(x, dims=[3])).float()
+    with _autocast(x.device, amp):
+        e = model(x).float()
+        if flip:
+            e = e + model(torch.flip(x, dims=[3])).float()
     return F.normalize(e, dim=1).cpu()
 
 
 def run(checkpoint: str, out: str, images: str = "", list_file: str = "", recordio: str = "",
         bin_file: str = "", flip: bool = True, batch_size: int = 64, device: str = "auto",
-        workers: int = 2, landmark_cnn: Optional[str] = None, progress: bool = True) -> dict:
+        workers: int = 2, landmark_cnn: Optional[str] = None, progress: bool = True,
+        amp: str = "none") -> dict:
     given = [bool(images), bool(list_file), bool(recordio), bool(bin_file)]
     if sum(given) != 1:
         raise ValueError("give exactly one input: --images, --list, --recordio or --bin")
@@ -140,6 +171,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible")
+    amp = resolve_amp(amp, dev)
     from .convert import load_any_model
     model = load_any_model(checkpoint, landmark_cnn).to(dev).eval()
     S = model.image_size
@@ -172,7 +204,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
                 print(f"{chr(10) if tty else ''}unreadable, skipped: {names[i]}: {err}", file=sys.stderr)
         if good:
             x = torch.stack([img for _, img in good]).to(dev, non_blocking=True)
-            feats[[i for i, _ in good]] = embed_uint8(model, x, flip).numpy()
+            feats[[i for i, _ in good]] = embed_uint8(model, x, flip, amp).numpy()
         before, done = done, done + len(batch)
         # a rewritten line on a terminal; otherwise (logs) a line per tenth of the input
         if progress and (tty or done == N or done * 10 // N != before * 10 // N):
@@ -188,7 +220,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
         for i, n in enumerate(names):
             f.write(f"{n}\tok\n" if i not in bad else f"{n}\tbad\t{bad[i]}\n")
     return {"features": out + ".npy", "list": out + ".txt", "count": N, "unreadable": len(bad),
-            "dim": model.dim, "seconds": time.time() - t0}
+            "dim": model.dim, "seconds": time.time() - t0, "amp": amp}
 
 
 class _Paths:
@@ -224,10 +256,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--landmark-cnn", default=None, help="release checkpoint whose landmark CNN completes "
                                                         "a LAFS / DINO backbone")
     p.add_argument("--progress", type=_bool, default=True)
+    p.add_argument("--amp", default="none", choices=AMP_CHOICES,
+                   help="none: float32 (as evaluation); bf16 / fp16: autocast; auto: bf16 on a CUDA GPU "
+                        "(fp16 without bf16), none on the CPU")
     a = p.parse_args(argv)
     try:
         r = run(a.checkpoint, a.out, a.images, a.list_file, a.recordio, a.bin_file, a.flip, a.batch_size,
-                a.device, a.workers, a.landmark_cnn, a.progress)
+                a.device, a.workers, a.landmark_cnn, a.progress, a.amp)
     except (ValueError, OSError) as e:
         print(f"python -m lafs_fast.embed: error: {e}", file=sys.stderr)
         return 2

@@ -18,8 +18,10 @@ and lines stay aligned and a bad row cannot pass for a face.
 
 --amp none (default) computes the features in float32, exactly as evaluation does. --amp bf16 /
 fp16 run the model under autocast (features returned in float32); auto picks bf16 on a CUDA GPU
-that has it (fp16 on older ones) and none on the CPU: on CPUs bf16 pays only with native bf16
-arithmetic, and moves the features by ~1e-2 (bench/embed_throughput.md measures both).
+that has it (fp16 on older ones) and none on the CPU. Why none on the CPU: bf16 pays only on CPUs
+with native bf16 arithmetic (measured 1.7x on a Zen 4 with avx512_bf16, bench/embed_throughput*.md;
+emulated elsewhere, and slower), and what it does to a trained model's verification accuracy (the
+landmark CNN's convolutions run in bf16 too) is not measured yet; ask for it with --amp bf16.
 """
 from __future__ import annotations
 

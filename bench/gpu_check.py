@@ -350,8 +350,9 @@ def per_test_limit(group: str) -> float:
 
 
 def run_tests(rec: Recorder) -> None:
-    """The test groups side by side (up to 4 processes), each a pytest process with a per-test
-    limit and a limit of its own; every outcome lands in rec.tests."""
+    """The test groups side by side (all at once when there are more than 2 CPUs, up to 10), each
+    a pytest process with a per-test limit and a limit of its own, its CPU threads capped at its
+    share of the cores; every outcome lands in rec.tests."""
     groups = test_groups()
     with rec.part(f"tests ({len(groups)} groups)") as p, tempfile.TemporaryDirectory() as tmp:
         jobs = []
@@ -365,9 +366,9 @@ def run_tests(rec: Recorder) -> None:
         width = 1 if cpus <= 2 else min(10, len(jobs))
         # Each group's CPU threads capped at its share of the cores: 8 processes with a torch
         # thread per core each would oversubscribe the machine many times over.
-        threads = str(max(1, cpus // width))
+        cpu_threads = str(max(1, cpus // width))
         env = {"PYTHONPATH": HERE,  # the plugin
-               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+               "OMP_NUM_THREADS": cpu_threads, "MKL_NUM_THREADS": cpu_threads}
         if smoke():
             env["TRITON_INTERPRET"] = "1"
         outcomes: dict[str, tuple[int, str]] = {}
@@ -394,7 +395,7 @@ def run_tests(rec: Recorder) -> None:
                                       "duration": 0.0, "message": out[-3000:]})
             elif not got:
                 notes.append(f"{name}: no tests collected")
-        p["note"] = "; ".join([f"{width} side by side, {threads} CPU threads each"] + notes)
+        p["note"] = "; ".join([f"{width} side by side, {cpu_threads} CPU threads each"] + notes)
 
 
 def collect_outcomes(path: str, group: str, killed: bool) -> list[dict]:

@@ -1,7 +1,9 @@
-"""The GPU check behind bench/gpu_check.sh: two stages, each well under 5 minutes on one GPU.
+"""The GPU check behind bench/gpu_check.sh (stages described in docs/gpu_check.md).
 
-    python3 bench/gpu_check.py correctness --out DIR   # build, lafs_fast.info, CUDA + Triton tests,
-                                                       # a few pretrain/finetune steps on cuda with AMP
+    python3 bench/gpu_check.py all --out DIR           # both below in one process tree, < 600 s
+    python3 bench/gpu_check.py correctness --out DIR   # build, lafs_fast.info, a few pretrain /
+                                                       # finetune steps on cuda with AMP, the CUDA +
+                                                       # Triton tests
     python3 bench/gpu_check.py bench --out DIR         # op benchmarks, pretraining step, peak memory,
                                                        # decode + views images/s, GPU utilisation
 
@@ -38,9 +40,14 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-STAGES = ("correctness", "bench")
-# Stage wall budget: parts get what is left of it (each also has its own cap).
-STAGE_BUDGET_S = float(os.environ.get("LAFS_GPU_CHECK_BUDGET_S", "240"))
+STAGES = ("correctness", "bench", "all")
+# Stage wall budget: parts get what is left of it (each also has its own cap). "all" must end
+# within one 600 s device call, build included: 570 s leaves the call's own start and copy-back.
+STAGE_BUDGET_S = {"correctness": 240.0, "bench": 240.0, "all": 570.0}
+
+
+def stage_budget(stage: str) -> float:
+    return float(os.environ.get("LAFS_GPU_CHECK_BUDGET_S") or STAGE_BUDGET_S[stage])
 # Nominal HBM bandwidth by device name (bytes/s), for the traffic-floor ratio next to the
 # measured device-to-device copy bandwidth.
 NOMINAL_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12}
@@ -56,6 +63,7 @@ class Recorder:
 
     def __init__(self, stage: str, out: str):
         self.stage, self.out = stage, out
+        self.budget = stage_budget(stage)
         self.t0 = time.time()
         self.parts: list[dict] = []
         self.tests: list[dict] = []
@@ -65,7 +73,7 @@ class Recorder:
         self.log = open(os.path.join(out, f"gpu_check_{stage}.log"), "w")
 
     def left(self) -> float:
-        return STAGE_BUDGET_S - (time.time() - self.t0)
+        return self.budget - (time.time() - self.t0)
 
     def say(self, msg: str) -> None:
         line = f"[gpu_check {self.stage} {time.time() - self.t0:6.1f}s] {msg}"
@@ -238,8 +246,9 @@ def build(rec: Recorder) -> None:
             lines = [ln for ln in out.splitlines() if ln.startswith("{")]
             return json.loads(lines[-1]) if rc == 0 and lines else None
 
+        headers = python_headers(rec)
         if smoke():  # lafs_fast.info (the next part) shows what the existing build is
-            p["note"] = "skipped (smoke mode: the existing build)"
+            p["note"] = f"skipped (smoke mode: the existing build); {headers}"
             return
         if os.environ.get("LAFS_GPU_CHECK_SKIP_BUILD") == "1":
             state = probe()
@@ -251,6 +260,8 @@ def build(rec: Recorder) -> None:
         if state and state["cuda_kernel"]:
             p["note"] = f"already built for this torch: {state}"
             return
+        if not headers.startswith("found"):  # seconds, not the minutes a failing build takes
+            raise RuntimeError(headers)
         # one architecture, this GPU's (an H200: 9.0): the shortest build
         cap = (state or {}).get("cap") or [9, 0]
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}")
@@ -271,6 +282,26 @@ def build(rec: Recorder) -> None:
         p["note"] = f"{how}: {state}"
         if not (state and state["cuda_kernel"]):
             raise RuntimeError(f"the CUDA build failed ({how}); see the log")
+
+
+def python_headers(rec: Recorder) -> str:
+    """'found PATH', or the one line that says what is missing and how to get it: the C++
+    extension includes Python.h, and without the headers the build fails only after minutes."""
+    code = ("import os, sys, sysconfig; p = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); "
+            "print(p); sys.exit(0 if os.path.isfile(p) else 3)")
+    rc, out = rec.run("Python.h probe", [python(), "-c", code], 30)
+    where = (out.strip().splitlines() or ["?"])[-1]
+    if rc == 0:
+        return f"found {where}"
+    ver = "python3.X"
+    with contextlib.suppress(Exception):
+        ver = "python" + subprocess.run([python(), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                        capture_output=True, text=True, timeout=30).stdout.strip()
+    line = (f"Python.h not found ({where}): the build needs the Python development headers of "
+            f"{python()}; install them (Debian/Ubuntu: apt-get install {ver}-dev; RHEL/Fedora: "
+            f"{ver.replace('.', '')}-devel) or set PYTHON to an interpreter that has them")
+    rec.say(line)
+    return line
 
 
 def info(rec: Recorder) -> None:
@@ -319,8 +350,9 @@ def per_test_limit(group: str) -> float:
 
 
 def run_tests(rec: Recorder) -> None:
-    """The test groups side by side (up to 4 processes), each a pytest process with a per-test
-    limit and a limit of its own; every outcome lands in rec.tests."""
+    """The test groups side by side (all at once when there are more than 2 CPUs, up to 10), each
+    a pytest process with a per-test limit and a limit of its own, its CPU threads capped at its
+    share of the cores; every outcome lands in rec.tests."""
     groups = test_groups()
     with rec.part(f"tests ({len(groups)} groups)") as p, tempfile.TemporaryDirectory() as tmp:
         jobs = []
@@ -329,7 +361,14 @@ def run_tests(rec: Recorder) -> None:
             cmd = [python(), "-m", "pytest", "-q", "-rs", "-p", "gpu_check_plugin", "-p", "no:cacheprovider",
                    "--gc-results", results, "--gc-timeout", str(per_test_limit(name)), *args]
             jobs.append((name, cmd, cap, results))
-        env = {"PYTHONPATH": HERE}  # the plugin
+        # all groups at once on a GPU machine (16 CPUs: Triton compiles in parallel processes)
+        cpus = os.cpu_count() or 1
+        width = 1 if cpus <= 2 else min(10, len(jobs))
+        # Each group's CPU threads capped at its share of the cores: 8 processes with a torch
+        # thread per core each would oversubscribe the machine many times over.
+        cpu_threads = str(max(1, cpus // width))
+        env = {"PYTHONPATH": HERE,  # the plugin
+               "OMP_NUM_THREADS": cpu_threads, "MKL_NUM_THREADS": cpu_threads}
         if smoke():
             env["TRITON_INTERPRET"] = "1"
         outcomes: dict[str, tuple[int, str]] = {}
@@ -338,8 +377,6 @@ def run_tests(rec: Recorder) -> None:
             name, cmd, cap, _ = job
             outcomes[name] = rec.run(f"pytest {name}", cmd, cap, env)
 
-        # all groups at once on a GPU machine (16 CPUs: Triton compiles in parallel processes)
-        width = 1 if (os.cpu_count() or 1) <= 2 else min(10, len(jobs))
         for start in range(0, len(jobs), width):
             threads = [threading.Thread(target=work, args=(j,)) for j in jobs[start:start + width]]
             for t in threads:
@@ -358,7 +395,7 @@ def run_tests(rec: Recorder) -> None:
                                       "duration": 0.0, "message": out[-3000:]})
             elif not got:
                 notes.append(f"{name}: no tests collected")
-        p["note"] = "; ".join(notes)
+        p["note"] = "; ".join([f"{width} side by side, {cpu_threads} CPU threads each"] + notes)
 
 
 def collect_outcomes(path: str, group: str, killed: bool) -> list[dict]:
@@ -421,7 +458,7 @@ def training_steps(rec: Recorder) -> None:
             with rec.part(f"{label}: {device}, amp {amp}") as p:
                 cmd = [python(), "-m", "lafs_fast.train", *argv, *common]
                 t = time.time()
-                rc, out = rec.run(name, cmd, 90 if smoke() else 60)
+                rc, out = rec.run(name, cmd, 90 if smoke() else 50)
                 ok, why = rc == 0, f"exit status {rc}"
                 metrics = os.path.join(ft_dir if name == "finetune" else pt_dir, "metrics.jsonl")
                 losses = []
@@ -479,7 +516,9 @@ class UtilSampler:
 def bench_parts(rec: Recorder) -> None:
     sampler = UtilSampler(rec)
     util_rows = []
-    caps = {"ops": 100, "step": 150, "loader": 60}
+    # caps: together with the build (~2 min on 16 cores), the training runs and the test groups
+    # they fit the all stage's budget
+    caps = {"ops": 80, "step": 110, "loader": 40}
     try:
         for name in ("ops", "step", "loader"):
             with rec.part(f"bench: {name}") as p, tempfile.TemporaryDirectory() as tmp:
@@ -781,11 +820,13 @@ def main(argv=None) -> int:
         print(rec.finish())
         return 0
     build(rec)
-    if args.stage == "correctness":
+    # The training steps run before the test groups: they are short, and a test group that hits
+    # its cap must not take their time.
+    if args.stage in ("correctness", "all"):
         info(rec)
-        run_tests(rec)
         training_steps(rec)
-    else:
+        run_tests(rec)
+    if args.stage in ("bench", "all"):
         bench_parts(rec)
     report = rec.finish()
     print(report)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check in two stages, each well under 5 minutes on one H200:
+# The GPU check (docs/gpu_check.md describes every stage and part):
 #
-#   OUT=/some/dir bash bench/gpu_check.sh correctness   # build for this machine's torch (sm_90),
-#                       # lafs_fast.info, the CUDA + Triton tests (per-test and per-group limits),
-#                       # 3 pretrain + 3 finetune steps on cuda with bf16 autocast
+#   OUT=/some/dir bash bench/gpu_check.sh all           # correctness, then bench, in one process
+#                       # tree within one 600 s device call on a fresh machine, build included
+#   OUT=/some/dir bash bench/gpu_check.sh correctness   # build for this machine's torch (its GPU's
+#                       # architecture only; a Python.h probe first), lafs_fast.info, 2 finetune +
+#                       # pretrain runs on cuda with bf16 autocast, the CUDA + Triton test groups
 #   OUT=/some/dir bash bench/gpu_check.sh bench         # op benchmarks (B=256 N=196 P=8 D=768 bf16),
 #                       # the part_fvit_b batch-82 pretraining step (fused vs original-style, peak
 #                       # memory), decode + views images/s, mean GPU utilisation
@@ -15,8 +17,8 @@
 cd "$(dirname "$0")/.." || exit 2
 STAGE=${1:-}
 case "$STAGE" in
-  correctness|bench) ;;
-  *) echo "usage: [OUT=dir] [LAFS_GPU_CHECK_SMOKE=1] bash bench/gpu_check.sh {correctness|bench}" >&2; exit 2 ;;
+  all|correctness|bench) ;;
+  *) echo "usage: [OUT=dir] [LAFS_GPU_CHECK_SMOKE=1] bash bench/gpu_check.sh {all|correctness|bench}" >&2; exit 2 ;;
 esac
 OUT=${OUT:-bench/out/$STAGE}
 mkdir -p "$OUT" || exit 2

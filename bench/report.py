@@ -1,5 +1,6 @@
 """Turn a pytest-benchmark JSON into markdown tables with ratios to the fused path, and the op's
-targets (fused forward / bare GEMM <= 1.15, vectorised fwd+bwd / fused fwd+bwd >= 1.4).
+targets (fused forward / bare GEMM <= 1.15, vectorised fwd+bwd / fused fwd+bwd >= 1.4, fused
+forward / (landmark_patches + torch.addmm) <= 0.9 at 1 and 2 threads).
 
     python bench/report.py bench/ops.json [--baseline fused]
 """
@@ -35,7 +36,7 @@ def tables(data, baseline="fused"):
             s = b["stats"]
             ratio = f"{s['median'] / base_t:.2f}x" if base_t else "-"
             info = {k: v for k, v in b.get("extra_info", {}).items()
-                    if k not in ("cpu_model", "cpu_isa", "threads")}  # printed once, above
+                    if k not in ("cpu_model", "cpu_isa", "threads", "load_1min")}  # printed once, above
             if "traffic_floor_MB" in info:  # achieved bandwidth against the memory-traffic floor
                 info["GB/s"] = round(info["traffic_floor_MB"] * 2**20 / s["median"] / 1e9, 1)
             extra = ", ".join(f"{k} {v}" for k, v in info.items())
@@ -69,16 +70,18 @@ def interleaved(data):
     rows = [b for b in data["benchmarks"] if "ratio_median" in b.get("extra_info", {})]
     if not rows:
         return ""
-    lines = ["| target | shape | ratio, median of rounds | quartiles | rounds | met |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = ["| target | shape | threads | ratio, median of rounds | quartiles | min-max | rounds | load | met |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for b in rows:
         e = b["extra_info"]
         sense, goal = e["goal"].split()
         med = e["ratio_median"]
         met = med <= float(goal) if sense == "<=" else med >= float(goal)
         shape = b["group"].split()[-1]
-        lines.append(f"| {e['ratio']} {e['goal']} | {shape} | {med:.2f} | {e['ratio_q1']:.2f}-{e['ratio_q3']:.2f} | "
-                     f"{e['rounds']} | {'yes' if met else 'NO'} |")
+        spread = f"{e['ratio_min']:.2f}-{e['ratio_max']:.2f}" if "ratio_min" in e else "-"
+        lines.append(f"| {e['ratio']} {e['goal']} | {shape} | {e.get('threads', '?')} | {med:.2f} | "
+                     f"{e['ratio_q1']:.2f}-{e['ratio_q3']:.2f} | {spread} | {e['rounds']} | "
+                     f"{e.get('load_1min', '?')} | {'yes' if met else 'NO'} |")
     return "\n".join(lines)
 
 

@@ -10,6 +10,9 @@ test_target_interleaved times the two sides of each op target alternately (A B B
 and keeps the median of the per-round ratios: on a shared, loaded machine the load changes
 between two benchmarks but rarely within one round, so these ratios are the ones to quote there
 (with `--benchmark-timer=time.process_time` and OMP_NUM_THREADS=1 they count CPU work only).
+test_fusion_interleaved does the same for the fused forward against its own parts run apart
+(landmark_patches, then torch.addmm) at 1 and 2 threads: fusion must never lose to composition
+(target <= 0.9); the spread over the rounds (quartiles, min-max) goes with the median.
 
 Each group (shape x pass) holds: fused (this backend), reference, vectorised (one grid_sample +
 F.linear), original loop (grid_sample per landmark + rearrange + Linear) and, for the forward,
@@ -62,13 +65,22 @@ def cpu_model():
 
 
 def machine_info():
-    """CPU model and kernel path, recorded with every benchmark."""
+    """CPU model, kernel path, threads and the machine's load (1-minute average, at the end of
+    the benchmark), recorded with every benchmark."""
     isa = torch.ops.lafs_fast.cpu_isa() if hasattr(torch.ops.lafs_fast, "cpu_isa") else "n/a"
-    return {"cpu_model": cpu_model(), "cpu_isa": isa, "threads": torch.get_num_threads()}
+    return {"cpu_model": cpu_model(), "cpu_isa": isa, "threads": torch.get_num_threads(),
+            "load_1min": round(os.getloadavg()[0], 1)}
 
 
 def fused(images, lm, weight, bias, P):
     return ops.landmark_patch_embed(images, lm, weight, bias, patch_size=P, backend=BACKEND)
+
+
+def composed(images, lm, weight, bias, P):
+    """The fused op's parts run apart: landmark_patches on the same backend, then one GEMM."""
+    patches = ops.landmark_patches(images, lm, patch_size=P, backend=BACKEND)
+    out = torch.addmm(bias, patches.reshape(-1, patches.shape[-1]), weight.t())
+    return out.view(patches.shape[0], patches.shape[1], -1)
 
 
 def ref(images, lm, weight, bias, P):
@@ -143,19 +155,37 @@ def test_forward_backward(benchmark, shape, impl):
 
 # target -> (numerator, denominator, goal, sense): see bench/report.py TARGETS
 TARGETS = {"forward": ("fused", "bare_gemm", 1.15, "<="),
-           "forward+backward": ("vectorised", "fused", 1.4, ">=")}
+           "forward+backward": ("vectorised", "fused", 1.4, ">="),
+           "fusion": ("fused", "composed", 0.9, "<=")}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("target", ["forward", "forward+backward"])
 def test_target_interleaved(benchmark, shape, target):
     """The two sides of one op target timed alternately, A B B A in every round; the ratio of
     each round's sums, median and quartiles over the rounds, go to extra_info."""
+    interleaved(benchmark, shape, target)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fusion_interleaved(benchmark, shape, threads):
+    """Fused forward / (landmark_patches + torch.addmm), interleaved, at a given thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        interleaved(benchmark, shape, "fusion")
+    finally:
+        torch.set_num_threads(before)
+
+
+def interleaved(benchmark, shape, target):
     images, lm, weight, bias, P = make(SHAPES[shape])
     num, den, goal, sense = TARGETS[target]
     benchmark.group = f"target {target} {shape}"
-    if target == "forward":
+    if target in ("forward", "fusion"):
         patches = reference.landmark_patches(images, lm, patch_size=P)
+        impls = {**IMPLS, "composed": composed}
 
         def side(impl):
             def run():
@@ -163,7 +193,7 @@ def test_target_interleaved(benchmark, shape, target):
                     if impl == "bare_gemm":
                         bare_gemm(patches, weight, bias)
                     else:
-                        IMPLS[impl](images, lm, weight, bias, P)
+                        impls[impl](images, lm, weight, bias, P)
                 sync()
             return run
     else:
@@ -199,7 +229,8 @@ def test_target_interleaved(benchmark, shape, target):
     q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
     benchmark.extra_info.update(
         {"ratio": f"{num} / {den}", "goal": f"{sense} {goal}", "ratio_median": round(q(0.5), 3),
-         "ratio_q1": round(q(0.25), 3), "ratio_q3": round(q(0.75), 3), "rounds": len(ratios)})
+         "ratio_q1": round(q(0.25), 3), "ratio_q3": round(q(0.75), 3),
+         "ratio_min": round(ratios[0], 3), "ratio_max": round(ratios[-1], 3), "rounds": len(ratios)})
     benchmark.extra_info.update(machine_info())
 
 

@@ -17,9 +17,17 @@ Output: FEATS.npy, float32 (N, D), one row per input item in input order, L2-nor
 FEATS.txt, N lines "<name>\\tok" or "<name>\\tbad\\t<reason>". An unreadable image is skipped
 (never given to the model), named on stderr and in the list, and its .npy row is all NaN: rows
 and lines stay aligned and a bad row cannot pass for a face.
+
+--amp none (default) computes the features in float32, exactly as evaluation does. --amp bf16 /
+fp16 run the model under autocast (features returned in float32); auto picks bf16 on a CUDA GPU
+that has it (fp16 on older ones) and none on the CPU. Why none on the CPU: bf16 pays only on CPUs
+with native bf16 arithmetic (measured 1.7x on a Zen 4 with avx512_bf16, bench/embed_throughput*.md;
+emulated elsewhere, and slower), and what it does to a trained model's verification accuracy (the
+landmark CNN's convolutions run in bf16 too) is not measured yet; ask for it with --amp bf16.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -32,6 +40,7 @@ import torch.nn.functional as F
 from . import cli, config
 
 PROG = "python -m lafs_fast.embed"
+AMP_CHOICES = ("none", "bf16", "fp16", "auto")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
 
 
@@ -147,21 +156,44 @@ def bin_items(path: str):
 
 
 # ----------------------------------------------------------------------------- embedding
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The precision --amp asks for on `device`: none, bf16 or fp16 (auto: bf16 on a CUDA GPU
+    with bf16, fp16 on one without, none on the CPU)."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "auto":
+        if device.type != "cuda":
+            return "none"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "fp16" and device.type == "cpu":
+        raise ValueError("--amp fp16 needs a CUDA device (CPUs have no fast float16 path); "
+                         "use --amp bf16 or none on the CPU")
+    return amp
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
 @torch.no_grad()
-def embed_uint8(model, images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """L2-normalised float32 features of uint8 (B, 3, S, S) images (flip-sum as in evaluation)."""
+def embed_uint8(model, images: torch.Tensor, flip: bool, amp: str = "none") -> torch.Tensor:
+    """L2-normalised float32 features of uint8 (B, 3, S, S) images (flip-sum as in evaluation),
+    the model run under `amp` autocast (none, bf16 or fp16; see resolve_amp)."""
     from .data import to_model_input
     x = to_model_input(images)
-    e = model(x).float()
-    if flip:
-        e = e + model(torch.flip(x, dims=[3])).float()
+    with _autocast(x.device, amp):
+        e = model(x).float()
+        if flip:
+            e = e + model(torch.flip(x, dims=[3])).float()
     return F.normalize(e, dim=1).cpu()
 
 
 def run(checkpoint: str, out: str, images: str = "", list_file: str = "", recordio: str = "",
         bin_file: str = "", flip: bool = True, batch_size: int = 64, device: str = "auto",
         workers: int = 2, landmark_cnn: Optional[str] = None, progress: bool = True,
-        five_points: str = "") -> dict:
+        five_points: str = "", amp: str = "none") -> dict:
     given = [bool(images), bool(list_file), bool(recordio), bool(bin_file)]
     if sum(given) != 1:
         raise ValueError("give exactly one input: --images, --list, --recordio or --bin")
@@ -172,6 +204,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible")
+    amp = resolve_amp(amp, dev)
     from .convert import load_any_model
     model = load_any_model(checkpoint, landmark_cnn).to(dev).eval()
     S = model.image_size
@@ -209,7 +242,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
                 print(f"{chr(10) if tty else ''}unreadable, skipped: {names[i]}: {err}", file=sys.stderr)
         if good:
             x = torch.stack([img for _, img in good]).to(dev, non_blocking=True)
-            feats[[i for i, _ in good]] = embed_uint8(model, x, flip).numpy()
+            feats[[i for i, _ in good]] = embed_uint8(model, x, flip, amp).numpy()
         before, done = done, done + len(batch)
         # a rewritten line on a terminal; otherwise (logs) a line per tenth of the input
         if progress and (tty or done == N or done * 10 // N != before * 10 // N):
@@ -225,7 +258,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
         for i, n in enumerate(names):
             f.write(f"{n}\tok\n" if i not in bad else f"{n}\tbad\t{bad[i]}\n")
     return {"features": out + ".npy", "list": out + ".txt", "count": N, "unreadable": len(bad),
-            "dim": model.dim, "seconds": time.time() - t0}
+            "dim": model.dim, "seconds": time.time() - t0, "amp": amp}
 
 
 class _Paths:
@@ -253,6 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                         "a LAFS / DINO backbone")
     p.add_argument("--five-points", default="", help="file of `<name> x1 y1 ... x5 y5 [score]` lines: align each "
                                                       "--images / --list input to the ArcFace template first")
+    p.add_argument("--amp", default="none", choices=AMP_CHOICES,
+                   help="none: float32 (as evaluation); bf16 / fp16: autocast; auto: bf16 on a CUDA GPU "
+                        "(fp16 without bf16), none on the CPU")
     config.add_bool_argument(p, "progress", True, "a progress line (rewritten on a terminal, every tenth in a log)")
     a = p.parse_args(argv)
     return cli.run(PROG, _main, a, plain=True)  # a bad input: one line, exit 2; a failed write: exit 1
@@ -260,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(a) -> None:
     r = run(a.checkpoint, a.out, a.images, a.list_file, a.recordio, a.bin_file, a.flip, a.batch_size,
-            a.device, a.workers, a.landmark_cnn, a.progress, a.five_points)
+            a.device, a.workers, a.landmark_cnn, a.progress, a.five_points, a.amp)
     print(f"{r['count']} items -> {r['features']} ({r['count']} x {r['dim']}), names in {r['list']}; "
           f"{r['count'] - r['unreadable']} embedded, {r['unreadable']} unreadable (NaN rows, marked 'bad' in the list)")
 

@@ -123,6 +123,34 @@ def test_embed_official_release_checkpoint(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "o.npy"), ref, atol=1e-5)
 
 
+def test_embed_amp(model_file, tmp_path, capsys):
+    """--amp auto is float32 on the CPU (the same features as none, bit for bit); bf16 runs
+    under autocast (features float32, within bf16 rounding of the float32 ones, not equal to
+    them); fp16 on the CPU is refused in one line."""
+    path, model = model_file
+    imgs = faces(4, seed=3)
+    (tmp_path / "in").mkdir()
+    for i, im in enumerate(imgs):
+        (tmp_path / "in" / f"{i}.png").write_bytes(encode_image(im))
+    feats = {}
+    for amp in ("none", "auto", "bf16"):
+        out = str(tmp_path / amp)
+        assert embed.main(["--checkpoint", path, "--images", str(tmp_path / "in"), "--out", out,
+                           "--workers", "0", "--device", "cpu", "--amp", amp]) == 0
+        feats[amp] = np.load(out + ".npy")
+    assert feats["none"].dtype == feats["bf16"].dtype == np.float32
+    np.testing.assert_array_equal(feats["auto"], feats["none"])
+    np.testing.assert_allclose(feats["none"], expected(model, imgs), atol=1e-5)
+    assert not np.array_equal(feats["bf16"], feats["none"])  # autocast did run
+    # unit vectors; bf16 keeps 8 bits (2^-8 = 4e-3 relative per rounding, a few roundings deep)
+    np.testing.assert_allclose(feats["bf16"], feats["none"], atol=5e-2)
+    assert (feats["bf16"] * feats["none"]).sum(1).min() > 0.99
+    capsys.readouterr()
+    assert embed.main(["--checkpoint", path, "--images", str(tmp_path / "in"), "--out", str(tmp_path / "h"),
+                       "--workers", "0", "--device", "cpu", "--amp", "fp16"]) == 2
+    assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
+
+
 def test_embed_refuses_bad_arguments(model_file, tmp_path, capsys):
     path, _ = model_file
     assert embed.main(["--checkpoint", path, "--out", str(tmp_path / "x")]) == 2

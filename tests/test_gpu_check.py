@@ -1,10 +1,12 @@
 """bench/gpu_check.sh in its CPU smoke mode (LAFS_GPU_CHECK_SMOKE=1): the plumbing of the GPU
-check (arguments, the files it writes, the report, no aborts) on every run of the suite. Only
-the GPU itself stays unproven here."""
+check (arguments, the files it writes, the report, no aborts, the order of its parts) on every run
+of the suite, through one run of the `all` stage (correctness then bench, as on the GPU machine).
+Only the GPU itself stays unproven here."""
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -40,12 +42,12 @@ def test_hangs():
 
 @pytest.fixture(scope="module")
 def correctness(tmp_path_factory):
-    """One smoke run of the correctness stage, with a failing and a hanging test injected."""
-    out = tmp_path_factory.mktemp("gpu_check_correctness")
+    """One smoke run of the all stage, with a failing and a hanging test injected."""
+    out = tmp_path_factory.mktemp("gpu_check_all")
     extra = out.parent / "injected"
     extra.mkdir()
     (extra / "test_injected.py").write_text(FAILING)
-    res = run_stage("correctness", out, LAFS_GPU_CHECK_EXTRA_TESTS=str(extra / "test_injected.py"),
+    res = run_stage("all", out, LAFS_GPU_CHECK_EXTRA_TESTS=str(extra / "test_injected.py"),
                     LAFS_GPU_CHECK_EXTRA_TIMEOUT="3")
     return res, out
 
@@ -54,14 +56,28 @@ def test_correctness_smoke_runs_to_the_end(correctness):
     res, out = correctness
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     files = sorted(os.listdir(out))
-    assert files == ["gpu_check_correctness.json", "gpu_check_correctness.log", "gpu_check_correctness.md"]
-    md, data = report(out, "correctness")
+    assert files == ["gpu_check_all.json", "gpu_check_all.log", "gpu_check_all.md"]
+    assert len(files) <= 8  # what one device call may bring back
+    md, data = report(out, "all")
     assert "## Parts" in md and "## Test outcomes" in md and "python3 -m lafs_fast.info" in md
     parts = {p["part"].split(":")[0].split(" (")[0]: p for p in data["parts"]}
-    assert set(parts) >= {"build", "lafs_fast.info", "tests", "finetune", "pretrain"}
+    assert set(parts) >= {"build", "lafs_fast.info", "tests", "finetune", "pretrain", "bench"}
     for p in data["parts"]:
         assert p["status"] == "ok", p
         assert p["part"] in md and p["seconds"] >= 0
+    # the Python.h probe ran (and found the headers of this interpreter)
+    assert "Python.h" in parts["build"]["note"] and "found" in parts["build"]["note"]
+    # the training runs come before the test groups, the benchmarks after them
+    order = [p["part"].split(":")[0].split(" (")[0] for p in data["parts"]]
+    assert order.index("finetune") < order.index("pretrain") < order.index("tests") < order.index("bench")
+    tests_part = next(p for p in data["parts"] if p["part"].startswith("tests"))
+    # the smoke mode's two groups (its op subset and the injected one): side by side on a machine
+    # with more than 2 CPUs, each with its share of them
+    cpus = os.cpu_count() or 1
+    width = 1 if cpus <= 2 else 2
+    assert tests_part["note"].startswith(f"{width} side by side, {max(1, cpus // width)} "
+                                         "CPU threads each"), tests_part
+    assert data["seconds"] < 600
     tests = {t["nodeid"]: t for t in data["tests"]}
     real = {k: t for k, t in tests.items() if "test_injected" not in k}
     assert len(real) >= 15
@@ -81,7 +97,7 @@ def test_a_failing_test_does_not_stop_the_stage(correctness):
     """The injected failing and hanging tests are reported; the parts after them still ran."""
     res, out = correctness
     assert res.returncode == 0
-    md, data = report(out, "correctness")
+    md, data = report(out, "all")
     tests = {t["nodeid"].split("::")[-1]: t for t in data["tests"] if "test_injected" in t["nodeid"]}
     assert tests["test_passes"]["outcome"] == "passed"
     assert tests["test_deliberately_fails"]["outcome"] == "failed"
@@ -90,15 +106,14 @@ def test_a_failing_test_does_not_stop_the_stage(correctness):
     assert "## Failures" in md and "test_deliberately_fails` (failed)" in md and "test_hangs` (timeout)" in md
     order = [p["part"] for p in data["parts"]]
     tests_at = next(i for i, p in enumerate(order) if p.startswith("tests"))
-    assert any(p.startswith("pretrain") for p in order[tests_at + 1:])  # the stage went on
+    assert any(p.startswith("bench") for p in order[tests_at + 1:])  # the stage went on
     assert data["counts"]["failed"] == 1 and data["counts"]["timeout"] == 1
 
 
-def test_bench_smoke_writes_every_table(tmp_path):
-    res = run_stage("bench", tmp_path)
+def test_bench_smoke_writes_every_table(correctness):
+    res, out = correctness
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
-    assert len(os.listdir(tmp_path)) <= 4
-    md, data = report(tmp_path, "bench")
+    md, data = report(out, "all")
     for p in data["parts"]:
         assert p["status"] == "ok", p
     for title in ("Op benchmark: landmark_patch_embed forward (", "Op benchmark: landmark_patch_embed "
@@ -121,6 +136,33 @@ def test_bench_smoke_writes_every_table(tmp_path):
 def test_bad_stage_is_a_usage_error(tmp_path):
     res = run_stage("benchmark", tmp_path)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_missing_python_headers_fail_the_build_in_one_clear_line(tmp_path, monkeypatch):
+    """Outside smoke mode, an interpreter without Python.h: the build part fails at once (no
+    compiler run) with the line that says what to install."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gpu_check
+    monkeypatch.delenv("LAFS_GPU_CHECK_SMOKE", raising=False)
+    monkeypatch.delenv("LAFS_GPU_CHECK_SKIP_BUILD", raising=False)
+    fake = tmp_path / "python_without_headers"
+    # an interpreter whose include folder holds no Python.h, and whose build probe finds no
+    # CUDA build (so the build would start)
+    fake.write_text("#!/bin/sh\ncase \"$2\" in *Python.h*) echo /nonexistent/include/Python.h; exit 3;; "
+                    "*version_info*) echo 3.11;; *) echo '{\"cuda_kernel\": false, \"cap\": [9, 0]}';; esac\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PYTHON", str(fake))
+    rec = gpu_check.Recorder("correctness", str(tmp_path))
+    t = time.time()
+    gpu_check.build(rec)
+    took = time.time() - t
+    rec.finish()
+    part = rec.parts[0]
+    assert part["part"] == "build" and part["status"] == "failed"
+    assert "Python.h not found (/nonexistent/include/Python.h)" in part["note"]
+    assert "apt-get install python3.11-dev" in part["note"] and took < 30
+    log = open(tmp_path / "gpu_check_correctness.log").read()
+    assert "pip install" not in log and "build_ext" not in log  # no build was attempted
 
 
 def test_without_a_gpu_the_full_stage_stops_after_saying_so(tmp_path, monkeypatch):

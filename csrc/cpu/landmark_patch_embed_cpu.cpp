@@ -4,7 +4,10 @@
 // gradients) is in landmark_patch_rows.h. The embedding never materialises all patches: the rows
 // are cut into chunks of at most kChunkRows, and each thread takes chunks in turn (dynamically),
 // samples one into a cache-resident (rows, P*P*C) buffer in the compute dtype and multiplies it
-// by weight^T with one single-threaded BLAS call straight into the output. The backward
+// by weight^T with one single-threaded BLAS call straight into the output. The fused op's
+// patches are planar (channel, y, x: the order the row kernels produce them in, no transpose);
+// the weight's columns are permuted to match (planar_columns), and grad_weight permuted back,
+// so the results are those of the token layout up to the GEMMs' summation order. The backward
 // recomputes the patches chunk by chunk in a fixed number of row groups (independent of the
 // thread count): per chunk grad_patches = grad_out @ weight, then one pass over the rows samples
 // the patch (for grad_weight) and reduces grad_patches to landmark / image gradients, then
@@ -61,8 +64,9 @@ void advise_huge_pages(const at::Tensor& t) {
 template <typename S>
 Geometry<S> make_geometry(const at::Tensor& images, const at::Tensor& lm_c,
                           const c10::optional<at::Tensor>& idx_c, int64_t K, int64_t P,
-                          double perturb_std, int64_t seed) {
+                          double perturb_std, int64_t seed, bool token_layout) {
   Geometry<S> g;
+  g.token_layout = token_layout;
   g.img = images.const_data_ptr<S>();
   g.sB = images.stride(0);
   g.sC = images.stride(1);
@@ -149,6 +153,17 @@ void reduce_slot_grads(const T* slot_grad, const int64_t* idx, int64_t B, int64_
   });
 }
 
+// Column q of a planar patch row holds token column planar_columns(P, C)[q]: the weight's
+// columns in this order multiply planar patches as the weight multiplies token-layout ones.
+at::Tensor planar_columns(int64_t P, int64_t C) {
+  at::Tensor perm = at::empty({P * P * C}, at::kLong);
+  int64_t* p = perm.mutable_data_ptr<int64_t>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < P; ++j)
+      for (int64_t i = 0; i < P; ++i) *p++ = (i * P + j) * C + c;
+  return perm;
+}
+
 at::ScalarType compute_type(const at::Tensor& images) {
   return images.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -231,6 +246,19 @@ LAFS_INLINE void add_partials(const T* part, int64_t S, int64_t n, int64_t i0, i
 }
 LAFS_ISA_WRAPPERS(add_partials_isa, add_partials)
 
+// Chunks of the forward: equal, at most kChunkRows rows each, and a multiple of the thread
+// count when there are enough rows (no thread idles through the last round of chunks: with
+// 13 chunks on 2 threads one thread ran the 13th alone).
+int64_t forward_chunks(int64_t M) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  int64_t n = (M + kChunkRows - 1) / kChunkRows;
+  const int64_t most = std::max<int64_t>(1, M / kMinGroupRows);
+  if (threads > 1 && n < most) {
+    n = std::min(most, (n + threads - 1) / threads * threads);
+  }
+  return n;
+}
+
 // ------------------------------------------------------------------------------------ ops
 at::Tensor landmark_patch_embed_cpu(const at::Tensor& images, const at::Tensor& landmarks,
                                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -248,18 +276,18 @@ at::Tensor landmark_patch_embed_cpu(const at::Tensor& images, const at::Tensor& 
   const at::Tensor lm_c = landmarks.to(ct).contiguous();
   const auto idx_c = contiguous_index(index);
   const bool same = ct == images.scalar_type();
-  const at::Tensor w_t = weight.to(ct).t();  // (L, D) view: BLAS reads it transposed
+  const int64_t C = images.size(1);
+  // (L, D) view of the planar-ordered weight: BLAS reads it transposed
+  const at::Tensor w_t = weight.to(ct).index_select(1, planar_columns(patch_size, C)).t();
   const c10::optional<at::Tensor> b_c =
       bias.has_value() ? c10::optional<at::Tensor>(bias->to(ct)) : c10::nullopt;
   const at::Tensor out2 = out.view({M, D});
-  // Equal chunks of at most kChunkRows rows, at least one per thread when there are enough rows.
-  int64_t nchunks = (M + kChunkRows - 1) / kChunkRows;
-  nchunks = std::max(nchunks, std::min<int64_t>(at::get_num_threads(), M / kMinGroupRows));
-  const std::vector<int64_t> cuts = split_rows(M, nchunks, 1);
+  const std::vector<int64_t> cuts = split_rows(M, forward_chunks(M), 1);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "landmark_patch_embed_cpu", [&] {
     using T = acc_t<scalar_t>;
-    const auto G = make_geometry<scalar_t>(images, lm_c, idx_c, K, patch_size, perturb_std, seed);
+    const auto G = make_geometry<scalar_t>(images, lm_c, idx_c, K, patch_size, perturb_std, seed,
+                                           /*token_layout=*/false);
     // Each chunk: sample into a buffer that stays in cache, then one GEMM into the output.
     for_groups(static_cast<int64_t>(cuts.size()) - 1, [&](int64_t ci) {
       const int64_t r0 = cuts[ci], rows = cuts[ci + 1] - cuts[ci];
@@ -303,7 +331,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
     const at::Tensor lm_c = landmarks.to(ct).contiguous();
     const auto idx_c = contiguous_index(index);
     const at::Tensor go = grad_out.reshape({M, D});
-    const at::Tensor w_c = weight.to(ct).contiguous();
+    const at::Tensor cols = planar_columns(patch_size, images.size(1));
+    const at::Tensor w_c = weight.to(ct).index_select(1, cols);  // planar order, contiguous
     const bool need_gp = need_img || need_lm;
     const std::vector<int64_t> cuts =
         split_rows(M, std::min(kBackwardGroups, (M + kMinGroupRows - 1) / kMinGroupRows),
@@ -320,7 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "landmark_patch_embed_backward_cpu", [&] {
       using T = acc_t<scalar_t>;
-      const auto G = make_geometry<scalar_t>(images, lm_c, idx_c, K, patch_size, perturb_std, seed);
+      const auto G = make_geometry<scalar_t>(images, lm_c, idx_c, K, patch_size, perturb_std, seed,
+                                             /*token_layout=*/false);
       for_groups(S, [&](int64_t s) {
         const int64_t rows_s = cuts[s + 1] - cuts[s];
         const int64_t R = (rows_s + (rows_s + kChunkRows - 1) / kChunkRows - 1) /
@@ -362,9 +392,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
     // calls were S parallel regions, each a barrier that waits for a descheduled thread on a
     // busy machine.
     if (need_w) {
+      at::Tensor gw_planar = at::zeros({D, L}, copt);
       AT_DISPATCH_FLOATING_TYPES(ct, "landmark_patch_embed_backward_cpu_sum", [&] {
         const scalar_t* part = w_part.const_data_ptr<scalar_t>();
-        scalar_t* gw = g_w.mutable_data_ptr<scalar_t>();
+        scalar_t* gw = gw_planar.mutable_data_ptr<scalar_t>();
         const int64_t n = D * L;
         with_cpu_isa([&](auto isa) {
           at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
@@ -372,6 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
           });
         });
       });
+      g_w.index_copy_(1, cols, gw_planar);  // back to token order
     }
     if (need_b) {
       at::Tensor acc = b_part[0].clone();
@@ -401,7 +433,8 @@ at::Tensor landmark_patches_cpu(const at::Tensor& images, const at::Tensor& land
   const bool same = ct == images.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "landmark_patches_cpu", [&] {
     using T = acc_t<scalar_t>;
-    const auto G = make_geometry<scalar_t>(images, lm_c, idx_c, K, patch_size, perturb_std, seed);
+    const auto G = make_geometry<scalar_t>(images, lm_c, idx_c, K, patch_size, perturb_std, seed,
+                                           /*token_layout=*/true);
     if (same) {
       sample_rows<scalar_t>(G, 0, M, out.mutable_data_ptr<T>());
       return;
@@ -443,7 +476,8 @@ std::tuple<at::Tensor, at::Tensor> landmark_patches_backward_cpu(
     at::Tensor slot_grad = need_lm ? at::empty({M, 2}, copt) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, images.scalar_type(), "landmark_patches_backward_cpu", [&] {
       using T = acc_t<scalar_t>;
-      const auto G = make_geometry<scalar_t>(images, lm_c, idx_c, K, patch_size, perturb_std, seed);
+      const auto G = make_geometry<scalar_t>(images, lm_c, idx_c, K, patch_size, perturb_std, seed,
+                                             /*token_layout=*/true);
       process_rows<scalar_t>(G, 0, M, nullptr, gp.const_data_ptr<T>(),
                                 need_lm ? slot_grad.mutable_data_ptr<T>() : nullptr,
                                 need_img ? g_img.mutable_data_ptr<T>() : nullptr);

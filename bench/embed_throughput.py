@@ -202,7 +202,8 @@ def markdown(args, res, agree, prof, notes, load) -> str:
              f"interleaved rounds, each: batch-1 latency (median of {args.lat_reps} calls) and one batch-{args.batch} "
              f"call per path; medians over rounds, min-max in brackets; clock: "
              f"{'process CPU time (CPU work of all threads)' if args.clock == 'cpu' else 'wall'}.", "",
-             f"| path | batch-1 latency ms | batch-{args.batch} images/s | vs {base_name} | 1 - cosine vs float32 (max) |",
+             f"| path | batch-1 latency ms | batch-{args.batch} images/s | vs {base_name} "
+             "| 1 - cosine vs float32 (max) |",
              "|---|---:|---:|---:|---:|"]
     for n, r in res.items():
         lat, ips = r["latency_ms"], r["images_per_s"]

@@ -15,15 +15,15 @@ markdown table (bench/orl_fewshot.md).
 Seeds can run in parallel processes (one core each): give each a --tag (it then writes
 bench/orl_fewshot_<tag>.json) and combine them with `python bench/orl_fewshot.py --merge`.
 """
-import glob
 import argparse
+import glob
 import json
 import os
 import statistics
 import sys
 
-from lafs_fast.train import finetune, pretrain
 from lafs_fast.eval.orl import raw_pixel_orl
+from lafs_fast.train import finetune, pretrain
 
 VARIANTS = {
     "dino_grid": dict(landmarks="grid"),
@@ -45,7 +45,8 @@ def one(seed, shot, args, out):
             **common, **kw, **extra, epochs=args.pretrain_epochs, batch_size=30, n_local=4, out_dim=1024,
             head_hidden=512, head_bottleneck=256, out_dir=f"{out}/{name}_pre"))
         fin = finetune.run(finetune.FinetuneConfig(
-            **common, **sup_kw, init=pre["checkpoint"], landmark_init=sup["checkpoint"] if kw["landmarks"] == "cnn" else "",
+            **common, **sup_kw, init=pre["checkpoint"],
+            landmark_init=sup["checkpoint"] if kw["landmarks"] == "cnn" else "",
             out_dir=f"{out}/{name}"))
         rows[name] = fin["eval"]
     return rows

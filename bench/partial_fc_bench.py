@@ -115,7 +115,8 @@ def run(kind, world, classes, dim, batch, steps):
     res = sorted((q.get(timeout=3600) for _ in procs), key=lambda r: r["rank"])
     for p in procs:
         p.join()
-    med = lambda v: sorted(v)[len(v) // 2]
+    def med(v):
+        return sorted(v)[len(v) // 2]
     return {"kind": kind, "world": world, "classes": classes, "dim": dim, "batch_per_rank": batch,
             "rss_growth_mb_max": max(r["rss_growth_mb"] for r in res),
             "state_mb": max(r["state_mb"] for r in res),
@@ -144,7 +145,8 @@ def table(rows) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['kind']} | {r['world']} | {r['batch_per_rank']} | {r['state_mb']:.0f} MB | "
-                   f"{r['rss_growth_mb_max']:.0f} MB | {r['cpu_s_per_step_per_rank']:.2f} | {r['wall_s_per_step']:.2f} | "
+                   f"{r['rss_growth_mb_max']:.0f} MB | {r['cpu_s_per_step_per_rank']:.2f} | "
+                   f"{r['wall_s_per_step']:.2f} | "
                    f"{_size(r['all_reduce_bytes'])} | {_size(r['all_gather_bytes'])} |")
     return "\n".join(out)
 

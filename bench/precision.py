@@ -95,9 +95,12 @@ def compare_landmarks(args):
                          "median_px": d.median().item(), "p99_px": d.quantile(0.99).item(),
                          "max_px": d.max().item(),
                          "spread_px": ref.std(dim=1).mean().item()})
-    md = [f"**Frozen landmark CNN under autocast vs float32** ({'checkpoint ' + os.path.basename(args.checkpoint) if args.checkpoint else 'a fresh CNN (seed %d)' % args.seed}, "
+    source = ("checkpoint " + os.path.basename(args.checkpoint) if args.checkpoint
+              else f"a fresh CNN (seed {args.seed})")
+    md = [f"**Frozen landmark CNN under autocast vs float32** ({source}, "
           f"{cnn.num_landmarks} landmarks, BatchNorm folded, eval mode; distance per landmark in px at 112 px)", "",
-          "| inputs | images | autocast | mean px | median px | p99 px | max px |", "|---|---:|---|---:|---:|---:|---:|"]
+          "| inputs | images | autocast | mean px | median px | p99 px | max px |",
+          "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         md.append(f"| {r['inputs']} | {r['images']} | {r['amp']} | {r['mean_px']:.4f} | {r['median_px']:.4f} | "
                   f"{r['p99_px']:.4f} | {r['max_px']:.4f} |")

@@ -101,7 +101,8 @@ def main(argv=None):
         while time.time() - t0 < args.minutes * 60:
             time.sleep(args.every)
             if proc.poll() is not None:
-                raise SystemExit(f"training exited early (rc {proc.returncode}):\n{proc.stderr.read().decode()[-2000:]}")
+                tail = proc.stderr.read().decode()[-2000:]
+                raise SystemExit(f"training exited early (rc {proc.returncode}):\n{tail}")
             samples.append({"t": time.time() - t0, "rss_mb": rss_mb(proc.pid), "step": last_step(metrics)})
             print(f"{samples[-1]['t'] / 60:5.1f} min  {samples[-1]['rss_mb']:7.1f} MB  step {samples[-1]['step']}",
                   flush=True)

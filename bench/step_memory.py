@@ -111,7 +111,8 @@ def main(argv=None):
           f"DINO out {args.out_dim}, {args.device}, amp {args.amp}**", "",
           "| path | step peak MB (over baseline) | / fused | baseline MB |", "|---|---:|---:|---:|"]
     for r in rows:
-        md.append(f"| {r['path']} | {r['step_peak_MB']:.0f} | {r['step_peak_MB'] / fused:.2f}x | {r['baseline_MB']:.0f} |")
+        md.append(f"| {r['path']} | {r['step_peak_MB']:.0f} | {r['step_peak_MB'] / fused:.2f}x "
+                  f"| {r['baseline_MB']:.0f} |")
     text = "\n".join(md) + "\n"
     print(text)
     with open(args.out, "w") as f:

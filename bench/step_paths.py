@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from lafs_fast import reference, views
-from lafs_fast.dino import DINOLoss, ema_update_
 from lafs_fast.data import to_model_input
 from lafs_fast.data.image_folder import decode_image_bytes, encode_image
+from lafs_fast.dino import DINOLoss, ema_update_
 from lafs_fast.models.landmark_cnn import LandmarkCNN, normalize_landmarks
 from lafs_fast.models.vit import Attention
 from lafs_fast.train import pretrain

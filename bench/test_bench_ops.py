@@ -25,9 +25,9 @@ import time
 
 import pytest
 import torch
+from baselines import SavedBytes, bare_gemm, original_loop_patch_embed, vectorised_patch_embed
 
 from lafs_fast import ops, reference
-from baselines import SavedBytes, bare_gemm, original_loop_patch_embed, vectorised_patch_embed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from tolerances import assert_close, forward_tol, grad_tol  # noqa: E402  (the tests' tolerances)

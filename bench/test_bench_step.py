@@ -14,10 +14,9 @@ import contextlib
 import os
 
 import pytest
-import torch
-
 import release_step as R
 import step_paths as SP
+import torch
 
 MODEL = os.environ.get("LAFS_STEP_MODEL", "part_fvit_mini")
 BATCH = int(os.environ.get("LAFS_STEP_BATCH", "16"))

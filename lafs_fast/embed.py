@@ -138,6 +138,7 @@ class _RecordReader:
 
 def recordio_items(prefix: str):
     import warnings
+
     from .data.recordio import RecordIODataset
     with warnings.catch_warnings():  # entries past the end are kept here, and named per item
         warnings.simplefilter("ignore")

@@ -14,10 +14,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from ijb_fixture import draw_face, random_look, render, similarity
-from lafs_fast.eval.align import (ARCFACE_TEMPLATE, align_faces, apply_affine, arcface_template,
-                                  estimate_similarity, read_five_points, source_window, warp_affine)
+
+from lafs_fast.eval.align import (
+    ARCFACE_TEMPLATE,
+    align_faces,
+    apply_affine,
+    arcface_template,
+    estimate_similarity,
+    read_five_points,
+    source_window,
+    warp_affine,
+)
 
 
 def umeyama_svd(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -176,6 +184,7 @@ def test_embed_five_points_aligns_like_the_ijb_command(tmp_path, capsys):
     features, L2-normalised (one aligns the whole image in its workers, the other a window of it,
     batched)."""
     from ijb_fixture import make_ijb_fixture
+
     from lafs_fast import embed
     from lafs_fast.convert import save_model
     from lafs_fast.eval.ijb import run_ijb

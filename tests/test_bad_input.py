@@ -28,17 +28,24 @@ import pytest
 import torch
 
 from lafs_fast import ops
-from lafs_fast.checkpoint import (CheckpointError, _release_name, load_backbone_into, load_checkpoint,
-                                  load_official, save_checkpoint)
-from lafs_fast.convert import load_model, main as convert_main, save_model
+from lafs_fast.checkpoint import (
+    CheckpointError,
+    _release_name,
+    load_backbone_into,
+    load_checkpoint,
+    load_official,
+    save_checkpoint,
+)
+from lafs_fast.convert import load_model, save_model
+from lafs_fast.convert import main as convert_main
 from lafs_fast.data import ImageFolderDataset, RecordIODataset, write_recordio
 from lafs_fast.data.image_folder import encode_image
 from lafs_fast.data.orl import load_orl
 from lafs_fast.data.recordio import _write_record, pack_record
 from lafs_fast.eval.bin_reader import load_bin, write_bin
 from lafs_fast.models import PartFViT, create_model
-from lafs_fast.train.__main__ import main as train_main
 from lafs_fast.train import data_setup
+from lafs_fast.train.__main__ import main as train_main
 from lafs_fast.train.common import CheckpointRing
 
 RECOVERS = "recovers"  # expected outcome of a row whose callable asserts the documented recovery
@@ -745,8 +752,9 @@ SEE_HELP = r" \(see python -m lafs_fast\.train \w+ --help\)$"
 CLI_CASES = [
     ("cli-unknown-flag", cli("finetune", "--no-such-flag", "1"), CliExit,
      r"^\[2\] .*error: unrecognized arguments: --no-such-flag 1" + SEE_HELP),
-    ("cli-unknown-command", cli("frobnicate"), CliExit, r"^\[2\] python -m lafs_fast\.train: error: unknown command 'frobnicate' \(choose from pipeline, "
-                                                r"finetune, pretrain, eval; see python -m lafs_fast\.train --help\)$"),
+    ("cli-unknown-command", cli("frobnicate"), CliExit,
+     r"^\[2\] python -m lafs_fast\.train: error: unknown command 'frobnicate' \(choose from pipeline, "
+     r"finetune, pretrain, eval; see python -m lafs_fast\.train --help\)$"),
     ("cli-negative-batch", cli("finetune", "--batch-size", "-4"), CliExit,
      r"^\[2\] .*--batch-size must be >= 2, got -4" + SEE_HELP),
     ("cli-negative-batch-pretrain", cli("pretrain", "--landmarks", "grid", "--batch-size", "-1"), CliExit,

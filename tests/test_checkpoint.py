@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lafs_fast.checkpoint import CheckpointError, load_checkpoint, load_official, save_checkpoint
-from lafs_fast.convert import load_model, main as convert_main
+from lafs_fast.convert import load_model
+from lafs_fast.convert import main as convert_main
 
 S, P, N = 112, 8, 16
 
@@ -305,6 +306,7 @@ def test_partial_loading_for_training(release, tmp_path):
 def test_training_state_checkpoint_loads_weights_only(tmp_path):
     """A step-*.pt (with the run's numpy random state) serves as --landmark-init / --init."""
     import numpy as np
+
     from lafs_fast.checkpoint import load_backbone_into, load_checkpoint
     from lafs_fast.models import create_model
     src, dst = create_model("part_fvit_tiny"), create_model("part_fvit_tiny")

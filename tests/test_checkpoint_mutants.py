@@ -4,8 +4,7 @@ the wrong layer or report a misfit in names the user cannot find in the release.
 import pytest
 import torch
 
-from lafs_fast.checkpoint import (CheckpointError, _official_state_dict, _release_name,
-                                  map_official_keys)
+from lafs_fast.checkpoint import CheckpointError, _official_state_dict, _release_name, map_official_keys
 from lafs_fast.models import create_model
 
 # ours -> the release's name (vit_pytorch-style PreNorm / Residual nesting, MobileNetV2 "stn")

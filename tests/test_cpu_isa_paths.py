@@ -16,13 +16,15 @@ import time
 
 import pytest
 import torch
+from test_ops_landmark_patch_embed import make_case
+from test_views_photometric import CFG, assert_matches, params
+from test_views_photometric import images as photo_images
+from test_views_photometric import op as photo_op
+from tolerances import assert_close, forward_tol, grad_tol
 
 from lafs_fast import ops, reference
 from lafs_fast.ops.dropout import counter_dropout
 from lafs_fast.ops.photometric import apply_photometric_reference
-from tolerances import assert_close, forward_tol, grad_tol
-from test_ops_landmark_patch_embed import make_case
-from test_views_photometric import CFG, assert_matches, images as photo_images, op as photo_op, params
 
 HAS_EXT = ops.HAS_EXTENSION
 pytestmark = pytest.mark.skipif(not HAS_EXT, reason=f"lafs_fast._C not built ({ops.EXTENSION_STATUS})")

@@ -7,10 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from lafs_fast.data import (ImageFolderDataset, ORLFaces, RecordIODataset, RecordIOReader,
-                            SyntheticFaces, fewshot_indices, load_orl, orl_split,
-                            orl_verification_pairs, read_pnm, synthetic_faces, to_model_input,
-                            write_recordio)
+from lafs_fast.data import (
+    ImageFolderDataset,
+    ORLFaces,
+    RecordIODataset,
+    RecordIOReader,
+    SyntheticFaces,
+    fewshot_indices,
+    load_orl,
+    orl_split,
+    orl_verification_pairs,
+    read_pnm,
+    synthetic_faces,
+    to_model_input,
+    write_recordio,
+)
 from lafs_fast.data import orl as orl_mod
 from lafs_fast.data.image_folder import encode_image
 from lafs_fast.data.recordio import MAGIC, _write_record, pack_record, unpack_record

@@ -8,10 +8,18 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lafs_fast.dino import (DINOLoss, NonFiniteLossError, 
-                           cancel_last_layer_grads, check_finite, cosine_schedule, ema_update_,
-                           lr_schedule, momentum_schedule,
-                           teacher_temp_schedule, weight_decay_schedule)
+from lafs_fast.dino import (
+    DINOLoss,
+    NonFiniteLossError,
+    cancel_last_layer_grads,
+    check_finite,
+    cosine_schedule,
+    ema_update_,
+    lr_schedule,
+    momentum_schedule,
+    teacher_temp_schedule,
+    weight_decay_schedule,
+)
 
 
 def naive_dino_loss(student, teacher, center, n_global, n_views, s_temp, t_temp):

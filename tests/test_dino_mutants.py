@@ -8,8 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lafs_fast.dino import (DINOLoss, NonFiniteLossError, cancel_last_layer_grads, check_finite,
-                            cosine_schedule, teacher_temp_schedule)
+from lafs_fast.dino import (
+    DINOLoss,
+    NonFiniteLossError,
+    cancel_last_layer_grads,
+    check_finite,
+    cosine_schedule,
+    teacher_temp_schedule,
+)
 
 
 def test_release_defaults_of_the_teacher_temperature_and_loss():

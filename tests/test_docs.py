@@ -83,7 +83,8 @@ def named_paths(text):
             first = token.split("/")[0]
             if not token or token.startswith(("/", "http", "-", "$")):
                 continue
-            bare_file = "/" not in token and re.fullmatch(r"[\w*-]+(\.[\w-]+)*", token) and token.endswith(REPO_SUFFIXES)
+            bare_file = ("/" not in token and re.fullmatch(r"[\w*-]+(\.[\w-]+)*", token)
+                         and token.endswith(REPO_SUFFIXES))
             if ("/" in token and first in REPO_DIRS) or bare_file:
                 found.append((para[:m.start()], token))
         for m in re.finditer(r"\]\(([^)\s]+)\)", para):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lafs_fast.ops import dropout
 from lafs_fast import reference as R
 from lafs_fast.models import create_model
+from lafs_fast.ops import dropout
 
 needs_kernel = pytest.mark.skipif(not dropout.HAS_KERNEL, reason="lafs_fast._C not built")
 

@@ -6,11 +6,11 @@ float32 GEMMs by ~1e-7): atol 1e-5 on unit vectors. The exported graph samples p
 grid_sample, whose normalised coordinates (2x + 1) / W - 1 round x by ~1e-5 px: patches move
 ~1e-5, embeddings ~2e-5 (measured); the bar is 1e-4.
 """
-import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import require_optional
 
 from lafs_fast import embed, export, ops
 from lafs_fast.checkpoint import _release_name
@@ -20,7 +20,6 @@ from lafs_fast.data.recordio import write_recordio
 from lafs_fast.eval import embed_with_flip
 from lafs_fast.eval.bin_reader import write_bin
 from lafs_fast.models import create_model
-from conftest import require_optional
 
 S = 112
 

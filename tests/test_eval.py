@@ -6,10 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-from lafs_fast.eval import (best_threshold, cosine_scores, embed_with_flip, evaluate_pairs, format_table,
-                            pair_scores,
-                            ijb_evaluation, kfold_accuracy, load_bin, roc_auc, tar_at_far,
-                            template_features, verification_report, write_bin)
+from lafs_fast.eval import (
+    best_threshold,
+    cosine_scores,
+    embed_with_flip,
+    evaluate_pairs,
+    format_table,
+    ijb_evaluation,
+    kfold_accuracy,
+    load_bin,
+    pair_scores,
+    roc_auc,
+    tar_at_far,
+    template_features,
+    verification_report,
+    write_bin,
+)
 
 
 def test_perfect_separation():
@@ -197,6 +209,7 @@ def test_eval_command_prints_and_writes_the_table(tmp_path, capsys):
     """`python -m lafs_fast.train eval --checkpoint model.pt --bins toy.bin`: the ORL held-out
     pairs and a .bin whose genuine pairs are the same picture twice (AUC 1 for any model)."""
     import json
+
     from lafs_fast.convert import save_model
     from lafs_fast.models import create_model
     from lafs_fast.train.__main__ import main as cli_main

@@ -20,9 +20,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from ijb_fixture import make_ijb_fixture
 from PIL import Image
 
-from ijb_fixture import make_ijb_fixture
 from lafs_fast.checkpoint import _release_name
 from lafs_fast.convert import save_model
 from lafs_fast.eval import ijb

@@ -7,8 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from lafs_fast import ops
-from lafs_fast.models import (ArcFace, Attention, CosFace, DINOHead, LandmarkCNN, PartFViT,
-                              create_model, grid_landmarks, list_models, normalize_landmarks)
+from lafs_fast.models import (
+    ArcFace,
+    Attention,
+    CosFace,
+    DINOHead,
+    LandmarkCNN,
+    PartFViT,
+    create_model,
+    grid_landmarks,
+    list_models,
+    normalize_landmarks,
+)
 
 torch.manual_seed(0)
 

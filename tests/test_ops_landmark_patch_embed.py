@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lafs_fast import ops, reference
 from conftest import require_optional
 from tolerances import GRADCHECK_NONDET_TOL, assert_close, forward_tol, grad_tol
+
+from lafs_fast import ops, reference
 
 HAS_CUDA = torch.cuda.is_available()
 # Collected everywhere: the cuda cases are SKIPPED (with the reason) on a machine without a GPU,
@@ -285,7 +285,8 @@ def test_opcheck_triton():
     needs("triton")
     ops.patch_embed.register_triton_ops()
     images, lm, weight, bias = make_case(1, 2, 7, 8, 3, 4, 5, device=device_of("triton"))
-    torch.library.opcheck(torch.ops.lafs_fast.landmark_patch_embed_triton.default, (images, lm, weight, bias, None, 4, 0.0, 0),
+    torch.library.opcheck(torch.ops.lafs_fast.landmark_patch_embed_triton.default,
+                          (images, lm, weight, bias, None, 4, 0.0, 0),
                           test_utils=("test_schema", "test_faketensor"))
 
 

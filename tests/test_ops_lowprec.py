@@ -4,11 +4,11 @@ inputs, with the tolerances of tests/tolerances.py (stated and justified there);
 landmark CNN's output in float32 under autocast."""
 import pytest
 import torch
-
-from lafs_fast import ops, reference
 from conftest import require_optional
 from test_ops_landmark_patch_embed import device_of, make_case, needs
 from tolerances import LOWPREC_UNIT, assert_close, grad_tol, lowprec_grad_tol
+
+from lafs_fast import ops, reference
 
 BACKENDS = ["reference", "cpu", "triton", "cuda"]
 LOW = [torch.bfloat16, torch.float16]

@@ -1,10 +1,10 @@
 """multicrop_embed / teacher_student_embed: every backend against landmark_patch_embed's reference."""
 import pytest
 import torch
-
-from lafs_fast import ops
 from test_ops_landmark_patch_embed import FAST_BACKENDS, device_of, make_case, needs
 from tolerances import assert_close, forward_tol, grad_tol
+
+from lafs_fast import ops
 
 
 def views_case(backend, dtype=torch.float32, G=2, L=3, B=2, N=6, K=4, P=4, D=5, Dt=7):

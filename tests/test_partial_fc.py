@@ -274,6 +274,7 @@ def ft_worker(rank, world, port, root):
     """Partial FC finetuning on 2 ranks: a straight run; the same run stopped after 1 step and
     resumed; and a resume of the replicated single-process run's step-1 checkpoint."""
     import shutil
+
     from lafs_fast.train import finetune
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -347,7 +348,8 @@ def test_finetune_partial_fc_two_ranks_match_replicated_one_process(finetune_run
     ref, pfc = _final(root / "replicated"), _final(root / "pfc")
     assert pfc[0]["head"]["partial_fc"] and pfc[0]["head"]["ranges"] == [[0, 4], [4, 8]]
     _close_states(ref, pfc)
-    assert (ref[0]["model"]["patch_embed.weight"] - _final(root / "replicated", 1)[0]["model"]["patch_embed.weight"]).abs().max() > 1e-4
+    replicated = _final(root / "replicated", 1)[0]["model"]["patch_embed.weight"]
+    assert (ref[0]["model"]["patch_embed.weight"] - replicated).abs().max() > 1e-4
 
 
 def test_finetune_partial_fc_resume_is_bitwise(finetune_runs):
@@ -365,6 +367,7 @@ def test_finetune_reshards_and_switches_head(finetune_runs, tmp_path, monkeypatc
     """Replicated step 1 -> 2 Partial FC ranks (in the fixture); 2-rank step 1 -> 1 process with
     the replicated head and with a 1-rank Partial FC: all continue the same trajectory."""
     import shutil
+
     from lafs_fast.train import finetune
     root = finetune_runs
     ref = _final(root / "replicated")
@@ -479,6 +482,7 @@ def test_a_shard_that_would_run_code_is_refused(tmp_path):
     """A Partial FC shard file whose pickle calls a function (here: creates a file) is refused on
     resume with one line naming it, and nothing of it runs."""
     from hostile import plant
+
     from lafs_fast.checkpoint import CheckpointError
     from lafs_fast.models.partial_fc import checkpoint_parts, load_head, shard_path
     head = PartialFC(D, C, rank=0, world_size=1)

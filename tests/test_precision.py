@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lafs_fast.dino import DINOLoss
 from lafs_fast import views
+from lafs_fast.dino import DINOLoss
 from lafs_fast.models import LandmarkCNN
 from lafs_fast.models.heads import DINOHead
 from lafs_fast.train import common, pretrain

@@ -51,7 +51,8 @@ def test_lafs_fast_backend_overrides_auto_for_the_patch_op(monkeypatch):
     """docs/ops.md: `auto` is cpu for CPU tensors and `LAFS_FAST_BACKEND` overrides it; an explicit
     backend wins over the variable; an unknown value is an error naming the variable."""
     documented("docs/ops.md", "`cpu` for CPU tensors; `LAFS_FAST_BACKEND` overrides it")
-    documented("docs/ops.md", "(or an explicit `backend=`) wins over `auto`; an unknown value is an error naming the variable")
+    documented("docs/ops.md",
+               "(or an explicit `backend=`) wins over `auto`; an unknown value is an error naming the variable")
     cpu = torch.device("cpu")
     calls = []
     real = reference.landmark_patch_embed
@@ -128,10 +129,12 @@ def test_reference_ops_without_the_extension(tmp_path):
            "multicrop": [gi, glm, li, llm, sw, sb, torch.randn(7, 48, generator=g), torch.randn(7, generator=g)],
            "local_index": torch.randint(0, 5, (4, 3), generator=g), "x": torch.randn(5, 40, generator=g),
            "views": x_views,
-           "params": photometric.draw_photometric_params(6, torch.full((6,), 0.5), torch.full((6,), 0.5), vcfg, g, "cpu")}
+           "params": photometric.draw_photometric_params(6, torch.full((6,), 0.5), torch.full((6,), 0.5),
+                                                         vcfg, g, "cpu")}
     torch.save(inp, tmp_path / "in.pt")
     env = {**os.environ, "LAFS_FAST_BACKEND": "reference"}
-    child = subprocess.run([sys.executable, "-c", NO_EXTENSION_CHILD, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+    child = subprocess.run([sys.executable, "-c", NO_EXTENSION_CHILD,
+                            str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                            capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert child.returncode == 0, child.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
@@ -151,7 +154,8 @@ def test_reference_ops_without_the_extension(tmp_path):
     for a, b in zip(got["multicrop"], want):
         torch.testing.assert_close(a, b, **tol)
     assert torch.equal(got["dropout"], counter_dropout(inp["x"], 0.3, 7))   # bitwise: same mask function
-    torch.testing.assert_close(got["photometric"], photometric.apply_photometric(x_views, inp["params"], vcfg, backend="cpu"),
+    torch.testing.assert_close(got["photometric"],
+                               photometric.apply_photometric(x_views, inp["params"], vcfg, backend="cpu"),
                                rtol=1e-5, atol=1e-5)
 
 

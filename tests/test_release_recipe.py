@@ -296,7 +296,8 @@ def test_pretrain_loop_hands_each_step_its_schedules_temperature_and_a_training_
     def before_adamw(opt, args, kwargs):
         seen["groups"].append([(g["lr"], g["weight_decay"], g["base_weight_decay"]) for g in opt.param_groups])
 
-    real_ema, real_temp, real_forward = pretrain.ema_update_, dino.DINOLoss.teacher_temp, pretrain.LafsPretrainer.forward
+    real_ema, real_temp = pretrain.ema_update_, dino.DINOLoss.teacher_temp
+    real_forward = pretrain.LafsPretrainer.forward
     real_loss = dino.DINOLoss.forward
 
     def ema(teacher, student, momentum):

@@ -2,7 +2,6 @@
 release's values, the release augmentation, channel order and partition behave, gradient
 accumulation equals one step on the concatenated batch, and --val-bins logs accuracies and keeps
 the best checkpoint."""
-import glob
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tolerances import AdamWDrift, assert_weights_within
 
 from lafs_fast import config as C
 from lafs_fast.data import SyntheticFaces, synthetic_faces, write_recordio
@@ -23,7 +23,6 @@ from lafs_fast.eval import write_bin
 from lafs_fast.eval.validator import Validator
 from lafs_fast.train import common, finetune
 from lafs_fast.train.data_setup import TrainData, build_train_data, open_dataset
-from tolerances import AdamWDrift, assert_weights_within
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["part_fvit_webface4m", "lafs_finetune_1shot", "lafs_finetune_2shot", "lafs_finetune_full"]

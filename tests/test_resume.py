@@ -139,6 +139,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(kind, tmp_path, restore
     """A step-*.pt planted in the out-dir whose pickle calls a function (here: creates a file) is
     refused by --resume with one line naming it, and nothing of it runs."""
     from hostile import plant
+
     from lafs_fast.train.__main__ import main as cli_main
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     out.mkdir()
@@ -157,7 +158,9 @@ def test_random_states_are_plain_data_and_older_array_states_still_resume(tmp_pa
     """rng_state() holds numpy's key as a list (the checkpoint loads weights-only without numpy
     types); an older checkpoint's array key restores the same streams."""
     import random
+
     import numpy as np
+
     from lafs_fast.checkpoint import load_checkpoint, save_checkpoint
     from lafs_fast.train import common
     gen = torch.Generator().manual_seed(3)

@@ -51,10 +51,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import AdamWDrift, assert_weights_within
 
 from lafs_fast.models.part_fvit import PartFViT
 from lafs_fast.train import common, finetune
-from tolerances import AdamWDrift, assert_weights_within
 
 N, P, S, CLASSES, ACC, MB = 16, 8, 112, 5, 3, 2   # landmarks (4 x 4), patch, image, classes, accumulation, micro-batch
 ARCH = dict(dim=48, depth=2, heads=2, dim_head=16, mlp_dim=96, num_landmarks=N, patch_size=P, image_size=S,
@@ -83,8 +83,10 @@ def release_model_from(model: PartFViT, head) -> tuple[torch.nn.Module, dict]:
                   r + "0.fn.fn.to_out.0.weight": sd[a + "attn.to_out.weight"],
                   r + "0.fn.fn.to_out.0.bias": sd[a + "attn.to_out.bias"],
                   r + "1.fn.norm.weight": sd[a + "norm2.weight"], r + "1.fn.norm.bias": sd[a + "norm2.bias"],
-                  r + "1.fn.fn.net.0.weight": sd[a + "mlp.fc1.weight"], r + "1.fn.fn.net.0.bias": sd[a + "mlp.fc1.bias"],
-                  r + "1.fn.fn.net.3.weight": sd[a + "mlp.fc2.weight"], r + "1.fn.fn.net.3.bias": sd[a + "mlp.fc2.bias"]})
+                  r + "1.fn.fn.net.0.weight": sd[a + "mlp.fc1.weight"],
+                  r + "1.fn.fn.net.0.bias": sd[a + "mlp.fc1.bias"],
+                  r + "1.fn.fn.net.3.weight": sd[a + "mlp.fc2.weight"],
+                  r + "1.fn.fn.net.3.bias": sd[a + "mlp.fc2.bias"]})
     for v in p.values():
         v.requires_grad_(True)
     return trunk.train(), p

@@ -52,6 +52,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import AdamWDrift, assert_weights_within, ema_drift
 from torch import nn
 
 from lafs_fast import ops, reference, views
@@ -59,7 +60,6 @@ from lafs_fast.dino import DINOLoss
 from lafs_fast.models import registry
 from lafs_fast.models.landmark_cnn import normalize_landmarks
 from lafs_fast.train import common, pretrain
-from tolerances import AdamWDrift, assert_weights_within, ema_drift
 
 B, G, L = 2, 2, 8          # faces, global views, local views (the release's 2 + 8)
 N, K, P, S = 36, 9, 8, 112  # landmarks (6 x 6 mosaic), local subset (3 x 3), patch, image size

@@ -156,9 +156,10 @@ def test_pretrain_logs_weight_decay_and_teacher_temperature(tmp_path, threads):
 def test_the_corrupt_images_of_each_epoch_are_counted(tmp_path, threads):
     """A folder with one undecodable image among 12: each epoch's line counts it (the second
     epoch passes it over for free, flagged by the first, and still counts it as missing)."""
+    import torch
+
     from lafs_fast.data.image_folder import encode_image
     from lafs_fast.train.__main__ import main as train_main
-    import torch
     root = tmp_path / "faces"
     g = torch.Generator().manual_seed(0)
     for person in ("ann", "bob", "cid", "dan"):

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lafs_fast.eval.verification import (cosine_scores, evaluate_pairs, format_table,
-                                         verification_report)
+from lafs_fast.eval.verification import cosine_scores, evaluate_pairs, format_table, verification_report
 
 
 def _scores(n=20):

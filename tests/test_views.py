@@ -6,10 +6,15 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from lafs_fast.ops.photometric import (BRIGHTNESS, CONTRAST, HUE, SATURATION, adjust_hue,
-                                       color_jitter, gaussian_blur)
-from lafs_fast.views import (ViewConfig, crop_resize, landmark_view_index, make_lafs_views,
-                             normalize_uint8, sample_crop_boxes)
+from lafs_fast.ops.photometric import BRIGHTNESS, CONTRAST, HUE, SATURATION, adjust_hue, color_jitter, gaussian_blur
+from lafs_fast.views import (
+    ViewConfig,
+    crop_resize,
+    landmark_view_index,
+    make_lafs_views,
+    normalize_uint8,
+    sample_crop_boxes,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # tiny views: 32x32 faces, 16x16 crops, 2 global + 3 local

@@ -28,8 +28,12 @@ import pytest
 import torch
 
 from lafs_fast.ops import has_kernel, photometric
-from lafs_fast.ops.photometric import (apply_photometric, apply_photometric_reference,
-                                       draw_photometric_params, photometric_augment)
+from lafs_fast.ops.photometric import (
+    apply_photometric,
+    apply_photometric_reference,
+    draw_photometric_params,
+    photometric_augment,
+)
 from lafs_fast.views import ViewConfig, make_lafs_views
 
 HAS_OP = has_kernel("photometric_augment", "CPU")

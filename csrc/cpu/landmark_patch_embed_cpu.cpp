@@ -45,7 +45,7 @@ constexpr int64_t kChunkRows = 512;
 constexpr int64_t kWarmImageBytes = 384 * 1024;
 
 // A large output written right after its allocation pays one page fault per 4 KiB (about 2 us
-// each in the target VM: 16 ms for a 38 MB token tensor, a third of the GEMM); advising
+// each on a 2-core Zen 4: 16 ms for a 38 MB token tensor, a third of the GEMM); advising
 // transparent huge pages first, as torch's allocator does under THP_MEM_ALLOC_ENABLE=1, leaves
 // a few faults. Only the 2 MiB-aligned interior of the tensor's own bytes is advised.
 void advise_huge_pages(const at::Tensor& t) {

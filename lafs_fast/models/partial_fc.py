@@ -282,7 +282,8 @@ def clip_grad_norm_(replicated: Sequence[Tensor], head: PartialFC, max_norm: flo
     grads = [p.grad for p in replicated if p.grad is not None]
     dev = head.weight.device
     rep = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=dev)
-    shard = head.weight.grad.detach().float().pow(2).sum() if head.weight.grad is not None else torch.zeros((), device=dev)
+    grad = head.weight.grad
+    shard = grad.detach().float().pow(2).sum() if grad is not None else torch.zeros((), device=dev)
     shard = shard.to(rep.device).clone()
     if _world()[1] > 1:
         dist.all_reduce(shard)

@@ -11,12 +11,10 @@ the Triton kernels in lafs_fast.kernels; oracle: lafs_fast.reference).
 
 Importing this package loads lafs_fast._C (when built) and registers the ops' Python parts.
 """
-from ._common import (BACKENDS, EXTENSION_STATUS, HAS_EXTENSION, BackendUnavailable, has_kernel,
-                      require_compiled)
+from ._common import BACKENDS, EXTENSION_STATUS, HAS_EXTENSION, BackendUnavailable, has_kernel, require_compiled
 from .cpu_isa import cpu_isa, cpu_isa_supported, set_cpu_isa
 from .dropout import CounterDropout, counter_dropout, use_counter_dropout
-from .patch_embed import (LOCAL_SEED_SALT, landmark_patch_embed, landmark_patches, multicrop_embed,
-                          resolve_backend)
+from .patch_embed import LOCAL_SEED_SALT, landmark_patch_embed, landmark_patches, multicrop_embed, resolve_backend
 from .photometric import apply_photometric, draw_photometric_params, photometric_augment
 
 __all__ = [

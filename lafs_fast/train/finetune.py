@@ -22,15 +22,16 @@ from .. import config
 from ..convert import save_model
 from ..data import to_model_input
 from ..dino import cosine_schedule
-from ..ops.dropout import use_counter_dropout
 from ..eval.orl import OrlEvaluation
 from ..eval.validator import Validator
 from ..models import create_model, partial_fc
 from ..models.heads import ArcFace, CosFace
 from ..models.partial_fc import PartialFC
+from ..ops.dropout import use_counter_dropout
 from . import common, distributed
 from .data_setup import build_train_data
 from .run import Run, fit
+
 
 @dataclass
 class FinetuneConfig(common.RunConfig):

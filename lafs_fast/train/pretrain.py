@@ -26,15 +26,24 @@ from torch import nn
 from .. import config, ops, views
 from ..convert import save_model
 from ..data import to_model_input
-from ..dino import (DINOLoss, cancel_last_layer_grads, check_finite, ema_update_, lr_schedule,
-                    momentum_schedule, teacher_temp_schedule, weight_decay_schedule)
-from ..ops.dropout import use_counter_dropout
+from ..dino import (
+    DINOLoss,
+    cancel_last_layer_grads,
+    check_finite,
+    ema_update_,
+    lr_schedule,
+    momentum_schedule,
+    teacher_temp_schedule,
+    weight_decay_schedule,
+)
 from ..models import create_model
 from ..models.heads import DINOHead
 from ..models.registry import model_config
+from ..ops.dropout import use_counter_dropout
 from . import common, distributed
 from .data_setup import build_train_data
 from .run import Run, fit
+
 
 @dataclass
 class PretrainConfig(common.RunConfig):

@@ -272,7 +272,7 @@ def test_convert_cli_round_trip(release, tmp_path, capsys):
     m = load_model(out)
     with torch.no_grad():
         torch.testing.assert_close(m(release["x"]), release["emb"], atol=1e-4, rtol=1e-4)
-    assert convert_main([str(tmp_path / "missing.pth"), out]) == 1
+    assert convert_main([str(tmp_path / "missing.pth"), out]) == 2  # a missing input is bad usage
     assert "not found" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="lafs_fast format"):
         load_model(release["path"])

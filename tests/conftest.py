@@ -21,3 +21,18 @@ def require_optional(module: str):
         if os.environ.get("CI", "").strip().lower() == "true":
             pytest.fail(f"CI=true: a missing test dependency fails instead of skipping: {reason}", pytrace=False)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory):
+    """(path, model): a saved one-block part_fvit_tiny whose landmark CNN outputs spread (a fresh
+    one is nearly constant), for the commands that read a model file."""
+    from lafs_fast.convert import save_model
+    from lafs_fast.models import create_model
+    torch.manual_seed(0)
+    m = create_model("part_fvit_tiny", depth=1).eval()
+    with torch.no_grad():
+        m.landmark_cnn.output_layer[1].weight.normal_(0, 0.5)
+    path = str(tmp_path_factory.mktemp("model") / "model.pt")
+    save_model(m, path)
+    return path, m

@@ -14,7 +14,6 @@ from conftest import require_optional
 
 from lafs_fast import embed, export, ops
 from lafs_fast.checkpoint import _release_name
-from lafs_fast.convert import save_model
 from lafs_fast.data.image_folder import encode_image
 from lafs_fast.data.recordio import write_recordio
 from lafs_fast.eval import embed_with_flip
@@ -23,16 +22,6 @@ from lafs_fast.models import create_model
 
 S = 112
 
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    m = create_model("part_fvit_tiny", depth=1).eval()
-    with torch.no_grad():  # a landmark CNN whose outputs spread (a fresh one is nearly constant)
-        m.landmark_cnn.output_layer[1].weight.normal_(0, 0.5)
-    path = str(tmp_path_factory.mktemp("model") / "model.pt")
-    save_model(m, path)
-    return path, m
 
 
 def faces(n, seed=0):
@@ -53,8 +42,8 @@ def read_list(path):
 
 
 @pytest.mark.parametrize("flip", [True, False])
-def test_embed_folder_names_and_skips_bad_images(model_file, tmp_path, flip, capsys):
-    path, model = model_file
+def test_embed_folder_names_and_skips_bad_images(tiny_model_file, tmp_path, flip, capsys):
+    path, model = tiny_model_file
     imgs = faces(5)
     root = tmp_path / "faces"
     (root / "b").mkdir(parents=True)
@@ -82,8 +71,8 @@ def test_embed_folder_names_and_skips_bad_images(model_file, tmp_path, flip, cap
     np.testing.assert_allclose(np.linalg.norm(feats[good], axis=1), 1.0, atol=1e-6)
 
 
-def test_embed_list_recordio_and_bin(model_file, tmp_path):
-    path, model = model_file
+def test_embed_list_recordio_and_bin(tiny_model_file, tmp_path):
+    path, model = tiny_model_file
     imgs = faces(4, seed=1)
     for i, im in enumerate(imgs):
         (tmp_path / f"{i}.png").write_bytes(encode_image(im))
@@ -122,11 +111,11 @@ def test_embed_official_release_checkpoint(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "o.npy"), ref, atol=1e-5)
 
 
-def test_embed_amp(model_file, tmp_path, capsys):
+def test_embed_amp(tiny_model_file, tmp_path, capsys):
     """--amp auto is float32 on the CPU (the same features as none, bit for bit); bf16 runs
     under autocast (features float32, within bf16 rounding of the float32 ones, not equal to
     them); fp16 on the CPU is refused in one line."""
-    path, model = model_file
+    path, model = tiny_model_file
     imgs = faces(4, seed=3)
     (tmp_path / "in").mkdir()
     for i, im in enumerate(imgs):
@@ -150,8 +139,8 @@ def test_embed_amp(model_file, tmp_path, capsys):
     assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
 
 
-def test_embed_refuses_bad_arguments(model_file, tmp_path, capsys):
-    path, _ = model_file
+def test_embed_refuses_bad_arguments(tiny_model_file, tmp_path, capsys):
+    path, _ = tiny_model_file
     assert embed.main(["--checkpoint", path, "--out", str(tmp_path / "x")]) == 2
     assert "exactly one input" in capsys.readouterr().err
     assert embed.main(["--checkpoint", path, "--images", str(tmp_path / "nope")]) == 2
@@ -174,10 +163,10 @@ def test_grid_sample_patches_is_the_patch_op():
     assert (ref.abs() > 0.5).any() and (ref == 0).any()  # real values and out-of-image zeros
 
 
-def test_onnx_export_matches_pytorch(model_file, tmp_path):
+def test_onnx_export_matches_pytorch(tiny_model_file, tmp_path):
     require_optional("onnx")
     ort = require_optional("onnxruntime")
-    path, model = model_file
+    path, model = tiny_model_file
     out = str(tmp_path / "model.onnx")
     assert export.main(["--checkpoint", path, "--out", out, "--landmarks-output"]) == 0
     sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])

@@ -34,16 +34,6 @@ from lafs_fast.models import create_model
 FARS = ("1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    m = create_model("part_fvit_tiny", depth=1).eval()
-    with torch.no_grad():  # a landmark CNN whose outputs spread (a fresh one is nearly constant)
-        m.landmark_cnn.output_layer[1].weight.normal_(0, 0.5)
-    path = str(tmp_path_factory.mktemp("model") / "model.pt")
-    save_model(m, path)
-    return path, m
-
 
 @pytest.fixture(scope="module")
 def ijbc(tmp_path_factory):
@@ -52,9 +42,9 @@ def ijbc(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ijbc_run(ijbc, tiny_model, tmp_path_factory):
+def ijbc_run(ijbc, tiny_model_file, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run") / "out")
-    assert main(["ijb", "--root", ijbc.root, "--target", "IJBC", "--checkpoint", tiny_model[0], "--out", out,
+    assert main(["ijb", "--root", ijbc.root, "--target", "IJBC", "--checkpoint", tiny_model_file[0], "--out", out,
                  "--batch-size", "16", "--workers", "2", "--device", "cpu"]) == 0
     return out
 
@@ -212,11 +202,11 @@ def test_command_writes_outputs_and_matches_the_release(ijbc, ijbc_run):
 
 
 @pytest.mark.parametrize("norm_score,detector_score", [(False, True), (True, False), (False, False)])
-def test_score_modes_match_the_release(ijbc, ijbc_run, tiny_model, norm_score, detector_score, tmp_path):
+def test_score_modes_match_the_release(ijbc, ijbc_run, tiny_model_file, norm_score, detector_score, tmp_path):
     """Other modes re-score the cached features (no image is embedded again)."""
     out = str(tmp_path / "out")
     shutil.copytree(ijbc_run, out)
-    r = ijb.run_ijb(ijbc.root, "IJBC", tiny_model[0], out, workers=0, device="cpu", norm_score=norm_score,
+    r = ijb.run_ijb(ijbc.root, "IJBC", tiny_model_file[0], out, workers=0, device="cpu", norm_score=norm_score,
                     detector_score=detector_score, progress=False)
     assert r["seconds"]["faces_embedded_now"] == 0
     assert r["mode"] == f"N{int(norm_score)}D{int(detector_score)}F2"
@@ -237,14 +227,14 @@ def independent_features(model, fx, rows):
     return np.stack(out)
 
 
-def test_features_are_the_aligned_flip_sum(ijbc, ijbc_run, tiny_model):
+def test_features_are_the_aligned_flip_sum(ijbc, ijbc_run, tiny_model_file):
     rows = [0, 7, len(ijbc.names) - 1]
     got = load(ijbc_run, "features.npy")[rows]
-    want = independent_features(tiny_model[1], ijbc, rows)
+    want = independent_features(tiny_model_file[1], ijbc, rows)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
-def test_interrupted_run_continues_where_it_stopped(ijbc, ijbc_run, tiny_model, tmp_path, monkeypatch):
+def test_interrupted_run_continues_where_it_stopped(ijbc, ijbc_run, tiny_model_file, tmp_path, monkeypatch):
     real = ijb.embed_aligned
     calls = []
 
@@ -256,7 +246,7 @@ def test_interrupted_run_continues_where_it_stopped(ijbc, ijbc_run, tiny_model, 
 
     monkeypatch.setattr(ijb, "embed_aligned", stop_after_first_batch)
     out = str(tmp_path / "out")
-    args = ["ijb", "--root", ijbc.root, "--target", "IJBC", "--checkpoint", tiny_model[0], "--out", out,
+    args = ["ijb", "--root", ijbc.root, "--target", "IJBC", "--checkpoint", tiny_model_file[0], "--out", out,
             "--batch-size", "16", "--workers", "0", "--no-progress"]
     assert main(args) == 130
     status = load(out, "image_status.npy")
@@ -271,14 +261,14 @@ def test_interrupted_run_continues_where_it_stopped(ijbc, ijbc_run, tiny_model, 
         assert json.load(f)["tar_at_far"] == json.load(g)["tar_at_far"]
 
 
-def test_missing_and_corrupt_images_are_named_and_shift_no_row(ijbc, ijbc_run, tiny_model, tmp_path, capsys):
+def test_missing_and_corrupt_images_are_named_and_shift_no_row(ijbc, ijbc_run, tiny_model_file, tmp_path, capsys):
     root = str(tmp_path / "IJBC")
     shutil.copytree(ijbc.root, root)
     os.remove(os.path.join(root, "loose_crop", ijbc.names[3]))
     with open(os.path.join(root, "loose_crop", ijbc.names[10]), "wb") as f:
         f.write(b"\xff\xd8 not a jpeg")
     out = str(tmp_path / "out")
-    assert main(["ijb", "--root", root, "--target", "IJBC", "--checkpoint", tiny_model[0], "--out", out,
+    assert main(["ijb", "--root", root, "--target", "IJBC", "--checkpoint", tiny_model_file[0], "--out", out,
                  "--workers", "0", "--batch-size", "8", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert ijbc.names[3] in err and ijbc.names[10] in err
@@ -324,8 +314,8 @@ def run_error(capsys, *args):
     return err
 
 
-def test_bad_input_is_one_clear_line(ijbc, ijbc_run, tiny_model, tmp_path, capsys):
-    ck = tiny_model[0]
+def test_bad_input_is_one_clear_line(ijbc, ijbc_run, tiny_model_file, tmp_path, capsys):
+    ck = tiny_model_file[0]
     common = ["--checkpoint", ck, "--out", str(tmp_path / "o"), "--workers", "0"]
     assert "is not a folder" in run_error(capsys, "--root", str(tmp_path / "none"), "--target", "IJBC", *common)
     err = run_error(capsys, "--root", os.path.dirname(ijbc.root), "--target", "IJBC", *common)

@@ -23,7 +23,6 @@ from lafs_fast.models import create_model
 S = 112
 
 
-
 def faces(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (3, S, S), dtype=torch.uint8, generator=g) for _ in range(n)]

@@ -34,7 +34,6 @@ from lafs_fast.models import create_model
 FARS = ("1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1")
 
 
-
 @pytest.fixture(scope="module")
 def ijbc(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ijb") / "IJBC")

@@ -58,6 +58,12 @@ def corrupt_recordio(tmp_path):
     return prefix, "record 4"
 
 
+def resource_tracker_noise(line):
+    """CPython's resource tracker may report a DataLoader queue's semaphore as leaked when spawned
+    workers shut down (a two-line UserWarning from multiprocessing itself, not from this package)."""
+    return "resource_tracker" in line or line.lstrip().startswith("warnings.warn('resource_tracker")
+
+
 @pytest.mark.parametrize("kind, context, epochs", [("folder", "fork", 3), ("recordio", "fork", 3),
                                                    ("folder", "spawn", 2)])
 def test_each_corrupt_item_is_named_once_and_counted(tmp_path, kind, context, epochs):
@@ -67,7 +73,7 @@ def test_each_corrupt_item_is_named_once_and_counted(tmp_path, kind, context, ep
     res = subprocess.run([sys.executable, str(script), kind, path, context, str(epochs)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    warned = [line for line in res.stderr.splitlines() if line.strip()]
+    warned = [line for line in res.stderr.splitlines() if line.strip() and not resource_tracker_noise(line)]
     assert len(warned) == 1, res.stderr  # one line, once for the whole run
     assert f"skipping corrupt {'image ' + name if kind == 'folder' else 'record 4'}: " in warned[0]
     assert "BytesIO" not in warned[0] and "could not decode image" in warned[0]

@@ -149,9 +149,3 @@ class DINOHead(nn.Module):
         norm_last_layer."""
         self.last_layer.weight_v.requires_grad_(trainable)
         self.last_layer.weight_g.requires_grad_(trainable and not self.norm_last_layer)
-
-    def cancel_last_layer_grad(self) -> None:
-        """DINO's alternative to freezing: drop the last layer's gradients after backward (keeps
-        the parameter set constant, which DDP and optimisers prefer)."""
-        for p in self.last_layer.parameters():
-            p.grad = None

@@ -85,8 +85,17 @@ def mutant_names(work: Path, functions) -> list:
     return sorted(set(names))
 
 
-def run_module(key: str, sample: int, seed: int) -> dict:
-    work = prepare(key)
+def statuses(work: Path, env) -> dict:
+    """mutant name -> mutmut's verdict ("killed", "survived", "not checked", ...)."""
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
+                         env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"^\s*([\w.]+__mutmut_\d+): (\w[\w ]*)$", out, re.M))
+
+
+def run_module(key: str, sample: int, seed: int, resume: bool = False) -> dict:
+    work = SCRATCH / key
+    if not (resume and (work / "mutants").is_dir()):
+        work = prepare(key)  # a resumed run keeps mutmut's results and tests only what is left
     env = dict(os.environ, OMP_NUM_THREADS="1", LAFS_FAST_CUDA="0")
     # First pass generates the mutants and checks the clean tests; run no mutant yet by naming
     # one that is guaranteed not to exist is not possible, so generate via a dry results call.
@@ -101,10 +110,14 @@ def run_module(key: str, sample: int, seed: int) -> dict:
         selected = names_all
         if sample and len(selected) > sample:
             selected = sorted(random.Random(seed).sample(selected, sample))
-    subprocess.run(run + selected, cwd=work, env=env)
-    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
-                         env=env, capture_output=True, text=True).stdout
-    status = dict(re.findall(r"^\s*([\w.]+__mutmut_\d+): (\w[\w ]*)$", out, re.M))
+    if resume and selected:  # mutmut re-tests every mutant it is given by name
+        left = statuses(work, env)
+        selected_now = [n for n in selected if left.get(n) == "not checked"]
+        if selected_now:
+            subprocess.run(run + selected_now, cwd=work, env=env)
+    else:
+        subprocess.run(run + selected, cwd=work, env=env)
+    status = statuses(work, env)
     if selected:
         status = {n: s for n, s in status.items() if n in set(selected)}
     counts = {}
@@ -124,9 +137,11 @@ def main():
     p.add_argument("modules", nargs="+", choices=sorted(MODULES))
     p.add_argument("--sample", type=int, default=0, help="run a seeded random sample of this many mutants")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an unfinished run in .mutation/<module>/ instead of starting afresh")
     a = p.parse_args()
     for key in a.modules:
-        run_module(key, a.sample, a.seed)
+        run_module(key, a.sample, a.seed, a.resume)
 
 
 if __name__ == "__main__":

@@ -222,12 +222,13 @@ def _release_name(key: str) -> str:
 
 
 def _cnn_width(sd: dict[str, Tensor]) -> float:
-    """Width multiplier from the widest layer (960 * w, rounded up to 8: the finest estimate);
-    the release is 1.0. A wrong guess shows up as shape errors when loading."""
+    """Width multiplier from the widest layer (960 * w, rounded up to 8: the finest estimate; the
+    stem's 16 * w is rounded to 8 too, so 0.25 and 0.5 look alike there); the release is 1.0."""
     wide = sd.get("landmark_cnn.features.15.conv.0.weight")
-    if wide is not None:
-        return wide.shape[0] / 960.0
-    return sd["landmark_cnn.features.0.0.weight"].shape[0] / 16.0
+    if wide is None:
+        raise CheckpointError("landmark CNN weights lack stn.features.15.conv.0.weight (its widest layer): "
+                              "not the release's MobileNetV2 landmark CNN")
+    return wide.shape[0] / 960.0
 
 
 def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, Tensor], what: str) -> None:
@@ -274,8 +275,9 @@ def load_official(path: str, landmark_cnn_path: Optional[str] = None) -> PartFVi
 
 # ----------------------------------------------------------------------------- partial loading
 def _any_state_dict(obj: dict, path: str) -> dict[str, Tensor]:
-    """lafs_fast names from either format: {'model', 'config'} (ours) or a release checkpoint."""
-    if isinstance(obj.get("model"), dict) and "config" in obj:
+    """lafs_fast names from either format: ours ({'model', 'config'} from save_model, or a finetune
+    training checkpoint's {'model', 'model_config'}) or a release checkpoint."""
+    if isinstance(obj.get("model"), dict) and ("config" in obj or "model_config" in obj):
         return dict(obj["model"])
     return map_official_keys(_official_state_dict(obj, path), path)
 

@@ -35,18 +35,22 @@ MODULES = {
               ["tests/test_models.py", "tests/test_precision.py", "tests/test_partial_fc.py", "-m", "not slow"],
               None),
     "partial_fc": ("lafs_fast/models/partial_fc.py",
-                   ["tests/test_partial_fc.py", "-m", "not slow"], None),
+                   ["tests/test_partial_fc.py", "tests/test_step_equivalence_finetune.py", "-m", "not slow"], None),
     "common": ("lafs_fast/train/common.py",
                ["tests/test_release_recipe.py", "tests/test_release_recipe_finetune.py",
-                "tests/test_resume.py"], None),
+                "tests/test_resume.py", "tests/test_run_dirs.py", "tests/test_bad_input.py"], None),
+    # the schedule and optimiser wiring of the two trainers
     "pretrain": ("lafs_fast/train/pretrain.py",
-                 ["tests/test_release_recipe.py", "tests/test_step_equivalence_pretrain.py"],
-                 ["*x_build_run__*", "*x_make_param_groups__*", "*x_make_optimizer__*",
-                  "*x_train_one_epoch__*", "*x_update__*"]),
+                 ["tests/test_release_recipe.py", "tests/test_step_equivalence_pretrain.py",
+                  "tests/test_pretrain_options.py", "tests/test_precision.py"],
+                 ["*x_build_run__*", "*x_make_optimizer__*", "*x_train_one_epoch__*", "*x_update__*",
+                  "*x_forward_loss__*"]),
     "finetune": ("lafs_fast/train/finetune.py",
-                 ["tests/test_release_recipe_finetune.py", "tests/test_step_equivalence_finetune.py"],
-                 ["*x_build_run__*", "*x_make_param_groups__*", "*x_make_optimizer__*",
-                  "*x_train_one_epoch__*", "*x_update__*"]),
+                 ["tests/test_release_recipe_finetune.py", "tests/test_step_equivalence_finetune.py",
+                  "tests/test_fewshot_protocol.py"],
+                 ["*x_build_run__*", "*x_make_param_groups__*", "*x_peak_lr__*", "*x_release_sqrt_lr__*",
+                  "*x_optimizer_step__*", "*x_train_one_epoch__*", "*x_forward_backward__*",
+                  "*x_clip_gradients__*", "*x_drift_weight__*"]),
 }
 
 
@@ -92,7 +96,7 @@ def statuses(work: Path, env) -> dict:
     return dict(re.findall(r"^\s*([\w.]+__mutmut_\d+): (\w[\w ]*)$", out, re.M))
 
 
-def run_module(key: str, sample: int, seed: int, resume: bool = False) -> dict:
+def run_module(key: str, sample: int, seed: int, resume: bool = False, retest: tuple = ()) -> dict:
     work = SCRATCH / key
     if not (resume and (work / "mutants").is_dir()):
         work = prepare(key)  # a resumed run keeps mutmut's results and tests only what is left
@@ -110,11 +114,11 @@ def run_module(key: str, sample: int, seed: int, resume: bool = False) -> dict:
         selected = names_all
         if sample and len(selected) > sample:
             selected = sorted(random.Random(seed).sample(selected, sample))
-    if resume and selected:  # mutmut re-tests every mutant it is given by name
-        left = statuses(work, env)
-        selected_now = [n for n in selected if left.get(n) == "not checked"]
-        if selected_now:
-            subprocess.run(run + selected_now, cwd=work, env=env)
+    if resume:  # mutmut re-tests every mutant it is given by name: name only what is left
+        now = statuses(work, env)
+        redo = [n for n in (selected or now) if now.get(n) in ("not checked", *retest)]
+        if redo:
+            subprocess.run(run + redo, cwd=work, env=env)
     else:
         subprocess.run(run + selected, cwd=work, env=env)
     status = statuses(work, env)
@@ -139,9 +143,14 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="continue an unfinished run in .mutation/<module>/ instead of starting afresh")
+    p.add_argument("--retest", action="append", default=[], metavar="STATUS",
+                   help="with --resume: test again the mutants of this verdict too, e.g. timeout "
+                        "(a timeout on a loaded machine may be noise, not a detection)")
     a = p.parse_args()
+    if a.retest and not a.resume:
+        p.error("--retest needs --resume (it re-tests mutants of an existing run)")
     for key in a.modules:
-        run_module(key, a.sample, a.seed, a.resume)
+        run_module(key, a.sample, a.seed, a.resume, tuple(a.retest))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,6 @@ which keys every error names (in release names), the formats a backbone loads fr
 temporary file a killed save leaves behind."""
 import ast
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from lafs_fast.checkpoint import (
     CheckpointError,
     _cnn_width,
     _official_state_dict,
+    _read_error,
     _release_name,
     load_backbone_into,
     load_checkpoint,
@@ -23,6 +21,7 @@ from lafs_fast.checkpoint import (
     load_official,
     load_state_dict_checked,
     map_official_keys,
+    save_checkpoint,
 )
 from lafs_fast.convert import save_model
 from lafs_fast.models import PartFViT, create_model
@@ -274,22 +273,47 @@ def test_planted_code_is_refused_even_where_the_environment_forces_unsafe_loads(
     assert not (tmp_path / "ran.txt").exists()
 
 
-KILLED_MID_SAVE = textwrap.dedent("""
-    import os, sys, torch
-    from lafs_fast.checkpoint import save_checkpoint
-    os.replace = lambda src, dst: os._exit(3)  # killed between writing and renaming
-    save_checkpoint(sys.argv[1], {"w": torch.zeros(2)})
-""")
+class Killed(BaseException):
+    """The process dying between writing the temporary file and renaming it."""
 
 
-def test_a_save_killed_before_the_rename_leaves_a_temp_file_the_ring_cleans(tmp_path):
+def test_a_save_killed_before_the_rename_leaves_a_temp_file_the_ring_cleans(tmp_path, monkeypatch):
     folder = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(folder / "step-00000007.pt")],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 3, res.stderr
+
+    def killed(src, dst):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        m.setattr(os, "unlink", lambda path: None)  # a killed process cleans nothing up
+        with pytest.raises(Killed):
+            save_checkpoint(str(folder / "step-00000007.pt"), {"w": torch.zeros(2)})
     left = os.listdir(folder)
     assert len(left) == 1 and left[0].startswith(".tmp_step-00000007.pt."), left  # beside its target, hidden
     ring = CheckpointRing(str(folder))
     assert ring.latest() is None
     ring.clean_stale()
     assert os.listdir(folder) == []
+
+
+def test_exact_wording_of_the_landmark_cnn_and_entry_errors(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^landmark CNN weights lack stn\.features\.15\.conv\.0\.weight \(its "
+                                              r"widest layer\): not the release's MobileNetV2 landmark CNN$"):
+        _cnn_width({})
+    with pytest.raises(CheckpointError, match=r"^x\.pt: entry 'n' is a int, not a tensor: not a LAFS / Part fViT "
+                                              r"checkpoint$"):
+        _official_state_dict({"n": 1}, "x.pt")
+    sd = {_release_name(k): v for k, v in odd_vit().state_dict().items() if k != "landmark_cnn.features.0.0.weight"}
+    torch.save(sd, tmp_path / "nostem.pth")
+    with pytest.raises(CheckpointError, match=r"^landmark CNN weights lack stn\.features\.0\.0\.weight$"):
+        load_official(str(tmp_path / "nostem.pth"))
+    torch.save({**sd, "stn.features.0.0.weight": torch.zeros(8, 3, 3, 3), "mlp_head.0.weight": torch.zeros(5)},
+               tmp_path / "shape.pth")
+    with pytest.raises(CheckpointError, match=r"^.*shape\.pth does not fit the model:\n  mlp_head\.0\.weight: "
+                                              r"checkpoint \(5,\) vs model \(128,\)$"):
+        load_official(str(tmp_path / "shape.pth"))
+
+
+def test_an_error_without_text_gives_no_filler():
+    e = _read_error(__file__, RuntimeError(""))
+    assert str(e).endswith("corrupt or not a torch checkpoint (RuntimeError: )")

@@ -99,7 +99,10 @@ def statuses(work: Path, env) -> dict:
 def run_module(key: str, sample: int, seed: int, resume: bool = False, retest: tuple = ()) -> dict:
     work = SCRATCH / key
     if not (resume and (work / "mutants").is_dir()):
-        work = prepare(key)  # a resumed run keeps mutmut's results and tests only what is left
+        work = prepare(key)
+    else:  # a resumed run keeps mutmut's results; tests written since then join (mutmut finds them)
+        shutil.copytree(ROOT / "tests", work / "tests", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, OMP_NUM_THREADS="1", LAFS_FAST_CUDA="0")
     # First pass generates the mutants and checks the clean tests; run no mutant yet by naming
     # one that is guaranteed not to exist is not possible, so generate via a dry results call.

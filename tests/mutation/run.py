@@ -139,9 +139,28 @@ def run_module(key: str, sample: int, seed: int, resume: bool = False, retest: t
     return summary
 
 
+def which_tests(key: str, names: list) -> dict:
+    """mutant -> the tests of tests/test_KEY_mutants.py that fail on it (each mutant switched on
+    by name in the mutated copy of an existing run), for the docs' table of which test kills what."""
+    work = SCRATCH / key / "mutants"
+    extra = f"tests/test_{key}_mutants.py"
+    if not (work / extra).exists():
+        raise SystemExit(f"{work / extra} not found: run the module first")
+    out = {}
+    for name in names:
+        env = dict(os.environ, OMP_NUM_THREADS="1", LAFS_FAST_CUDA="0", MUTANT_UNDER_TEST=name)
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", extra],
+                             cwd=work, env=env, capture_output=True, text=True)
+        out[name] = sorted(set(re.findall(r"^FAILED \S+::(\w+)", res.stdout, re.M)))
+        print(f"{name}: {' '.join(out[name]) or '-'}", flush=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("modules", nargs="+", choices=sorted(MODULES))
+    p.add_argument("--which-tests", nargs="+", metavar="MUTANT",
+                   help="with one module: list the tests of tests/test_MODULE_mutants.py each named mutant fails")
     p.add_argument("--sample", type=int, default=0, help="run a seeded random sample of this many mutants")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
@@ -150,6 +169,11 @@ def main():
                    help="with --resume: test again the mutants of this verdict too, e.g. timeout "
                         "(a timeout on a loaded machine may be noise, not a detection)")
     a = p.parse_args()
+    if a.which_tests:
+        if len(a.modules) != 1:
+            p.error("--which-tests takes exactly one module")
+        which_tests(a.modules[0], a.which_tests)
+        return
     if a.retest and not a.resume:
         p.error("--retest needs --resume (it re-tests mutants of an existing run)")
     for key in a.modules:

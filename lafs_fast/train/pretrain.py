@@ -328,7 +328,7 @@ def train_one_epoch(run: PretrainRun, epoch: int) -> Iterator[dict]:
         seed = int(torch.randint(0, 2**62, (1,), generator=run.generator))
         loss = forward_loss(run.ddp_model, run.dino_loss, v, seed, run.generator, epoch, run.device, run.amp)
         shown = distributed.all_reduce_mean(loss.detach())  # the global batch's loss
-        check_finite(shown, step=step, checkpoint=run.ring.latest())
+        check_finite(shown, epoch=epoch, step=step, checkpoint=run.ring.latest())
         gnorm = update(run.model, run.optimizer, run.scaler, loss, epoch, float(schedule["momentum"][step]))
         run.step += 1
         run.seen += x.shape[0] * distributed.info().world_size

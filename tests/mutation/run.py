@@ -55,7 +55,6 @@ MODULES = {
 
 
 def prepare(key: str) -> Path:
-    target, tests, _ = MODULES[key]
     work = SCRATCH / key
     if work.exists():
         shutil.rmtree(work)
@@ -67,6 +66,13 @@ def prepare(key: str) -> Path:
     shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
     if (ROOT / "configs").exists():
         shutil.copytree(ROOT / "configs", work / "configs")
+    write_config(key, work)
+    return work
+
+
+def write_config(key: str, work: Path) -> None:
+    """mutmut's setup.cfg: the module to mutate and the tests to run on its mutants."""
+    target, tests, _ = MODULES[key]
     lines = ["[mutmut]", "source_paths=lafs_fast", f"only_mutate={target}",
              "also_copy=\n    configs/", "pytest_add_cli_args_test_selection="]
     extra = f"tests/test_{key}_mutants.py"      # the tests written to kill this module's survivors
@@ -75,7 +81,6 @@ def prepare(key: str) -> Path:
     lines += [f"    {t}" for t in tests]
     lines += ["pytest_add_cli_args=\n    -p\n    no:cacheprovider\n    -x", "timeout_multiplier=5.0"]
     (work / "setup.cfg").write_text("\n".join(lines) + "\n")
-    return work
 
 
 def mutant_names(work: Path, functions) -> list:
@@ -103,6 +108,7 @@ def run_module(key: str, sample: int, seed: int, resume: bool = False, retest: t
     else:  # a resumed run keeps mutmut's results; tests written since then join (mutmut finds them)
         shutil.copytree(ROOT / "tests", work / "tests", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
+        write_config(key, work)
     env = dict(os.environ, OMP_NUM_THREADS="1", LAFS_FAST_CUDA="0")
     # First pass generates the mutants and checks the clean tests; run no mutant yet by naming
     # one that is guaranteed not to exist is not possible, so generate via a dry results call.

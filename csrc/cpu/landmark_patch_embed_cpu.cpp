@@ -11,12 +11,15 @@
 // recomputes the patches chunk by chunk in a fixed number of row groups (independent of the
 // thread count): per chunk grad_patches = grad_out @ weight, then one pass over the rows samples
 // the patch (for grad_weight) and reduces grad_patches to landmark / image gradients, then
-// grad_weight += grad_out^T @ patches. grad_weight / grad_bias are summed per group and the
+// grad_weight^T += patches^T @ grad_out (the two backward GEMMs on oneDNN where it is available,
+// see onednn_matmul). grad_weight / grad_bias are summed per group and the
 // group partials added in order, so every gradient is deterministic for any thread count;
 // landmark gradients are kept per slot and reduced serially per image; image gradients are
 // scattered with one thread per image (no atomics).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
@@ -162,6 +165,31 @@ at::Tensor planar_columns(int64_t P, int64_t C) {
     for (int64_t j = 0; j < P; ++j)
       for (int64_t i = 0; i < P; ++i) *p++ = (i * P + j) * C + c;
   return perm;
+}
+
+// oneDNN's matmul, through the mkldnn::_linear_pointwise op: usable when this torch has the op,
+// oneDNN is enabled (torch.backends.mkldnn) and the operands are float32. On Zen 4 (one thread)
+// its AVX-512 kernels run the backward's grad_out @ weight ~10 % faster than MKL's sgemm and
+// patches^T @ grad_out ~4 % faster at D = 768; its results do not depend on the thread count.
+// The forward stays on MKL: the op allocates its result, and copying each chunk into the
+// output cost more than the faster GEMM saved.
+const c10::optional<c10::OperatorHandle>& onednn_linear_op() {
+  static const c10::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op;
+}
+
+bool onednn_matmul_usable(at::ScalarType t) {
+  return t == at::kFloat && onednn_linear_op().has_value() &&
+         at::globalContext().userEnabledMkldnn();
+}
+
+// x (m, k) @ w_nk^T for an (n, k) w_nk (any strides), when onednn_matmul_usable.
+at::Tensor onednn_matmul(const at::Tensor& x, const at::Tensor& w_nk) {
+  torch::jit::Stack stack{x, w_nk, c10::IValue(), std::string("none"),
+                          c10::List<c10::optional<c10::Scalar>>(), c10::IValue()};
+  onednn_linear_op()->callBoxed(&stack);
+  return stack.at(0).toTensor();
 }
 
 at::ScalarType compute_type(const at::Tensor& images) {
@@ -324,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
 
   at::Tensor g_img = need_img ? at::zeros(images.sizes(), copt) : images.new_empty(0);
   at::Tensor g_lm = need_lm ? at::zeros({B, N, 2}, copt) : landmarks.new_empty(0);
-  at::Tensor g_w = need_w ? at::zeros({D, L}, copt) : weight.new_empty(0);
+  at::Tensor g_w = need_w ? at::empty({D, L}, copt) : weight.new_empty(0);  // all written
   at::Tensor g_b = need_b ? at::zeros({D}, copt) : weight.new_empty(0);
 
   if (M > 0 && D > 0 && (need_img || need_lm || need_w || need_b)) {
@@ -332,18 +360,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
     const auto idx_c = contiguous_index(index);
     const at::Tensor go = grad_out.reshape({M, D});
     const at::Tensor cols = planar_columns(patch_size, images.size(1));
-    const at::Tensor w_c = weight.to(ct).index_select(1, cols);  // planar order, contiguous
     const bool need_gp = need_img || need_lm;
+    // grad_patches = grad_out @ planar weight: oneDNN takes the weight as (L, D), MKL as (D, L)
+    const bool gp_onednn = need_gp && onednn_matmul_usable(ct);
+    const bool gw_onednn = need_w && onednn_matmul_usable(ct);
+    const at::Tensor w_c = need_gp ? (gp_onednn ? weight.to(ct).t().index_select(0, cols)
+                                                : weight.to(ct).index_select(1, cols))
+                                   : at::Tensor();  // planar order, contiguous
     const std::vector<int64_t> cuts =
         split_rows(M, std::min(kBackwardGroups, (M + kMinGroupRows - 1) / kMinGroupRows),
                    need_img ? K : 1);
     const int64_t S = static_cast<int64_t>(cuts.size()) - 1;
-    // Per-group partial sums; grad_bias partials in float64.
-    at::Tensor w_part = need_w ? at::empty({S, D, L}, copt) : at::Tensor();
-    if (need_w) {
-      advise_huge_pages(w_part);
-      w_part.zero_();
-    }
+    // Per-group partial sums of grad_weight^T (L, D) in planar order (each group's first chunk
+    // writes its partial, so no zero fill); grad_bias partials in float64.
+    at::Tensor w_part = need_w ? at::empty({S, L, D}, copt) : at::Tensor();
+    if (need_w) advise_huge_pages(w_part);
     at::Tensor b_part = need_b ? at::zeros({S, D}, copt.dtype(at::kDouble)) : at::Tensor();
     at::Tensor slot_grad = need_lm ? at::empty({M, 2}, copt) : at::Tensor();
 
@@ -356,23 +387,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
         const int64_t R = (rows_s + (rows_s + kChunkRows - 1) / kChunkRows - 1) /
                           ((rows_s + kChunkRows - 1) / kChunkRows);  // even chunks <= kChunkRows
         at::Tensor buf = need_w ? at::empty({R, L}, copt) : at::Tensor();
-        at::Tensor gpbuf = need_gp ? at::empty({R, L}, copt) : at::Tensor();
+        at::Tensor gpbuf = need_gp && !gp_onednn ? at::empty({R, L}, copt) : at::Tensor();
         for (int64_t r0 = cuts[s]; r0 < cuts[s + 1]; r0 += R) {
           const int64_t rows = std::min(R, cuts[s + 1] - r0);
           const at::Tensor goc = go.narrow(0, r0, rows).to(ct).contiguous();
+          // Patch gradients first, so one pass over the rows both samples the patches (for
+          // grad_weight) and turns the patch gradients into landmark / image gradients.
+          at::Tensor gp;
+          if (gp_onednn) {
+            gp = onednn_matmul(goc, w_c);
+          } else if (need_gp) {
+            gp = gpbuf.narrow(0, 0, rows);
+            at::mm_out(gp, goc, w_c);
+          }
+          // grad_bias after the GEMM that read this chunk of grad_out: it is still in cache.
           if (need_b) {
-            const T* gp = goc.const_data_ptr<T>();
+            const T* g = goc.const_data_ptr<T>();
             double* acc = b_part[s].mutable_data_ptr<double>();
             with_cpu_isa([&](auto isa) {
               at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
-                add_rows_double_isa(isa, gp, rows, D, d0, d1, acc);
+                add_rows_double_isa(isa, g, rows, D, d0, d1, acc);
               });
             });
           }
-          // Patch gradients first, so one pass over the rows both samples the patches (for
-          // grad_weight) and turns the patch gradients into landmark / image gradients.
-          at::Tensor gp = need_gp ? gpbuf.narrow(0, 0, rows) : at::Tensor();
-          if (need_gp) at::mm_out(gp, goc, w_c);
           at::Tensor p = need_w ? buf.narrow(0, 0, rows) : at::Tensor();
           if (need_w || need_gp) {
             process_rows<scalar_t>(G, r0, r0 + rows, need_w ? p.mutable_data_ptr<T>() : nullptr,
@@ -380,7 +417,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
                                    need_lm ? slot_grad.mutable_data_ptr<T>() : nullptr,
                                    need_img ? g_img.mutable_data_ptr<T>() : nullptr);
           }
-          if (need_w) w_part[s].addmm_(goc.t(), p);
+          if (need_w) {
+            at::Tensor part = w_part[s];
+            const bool first = r0 == cuts[s];
+            if (gw_onednn) {
+              const at::Tensor pg = onednn_matmul(p.t(), goc.t());  // patches^T @ grad_out
+              first ? part.copy_(pg) : part.add_(pg);
+            } else if (first) {
+              at::mm_out(part, p.t(), goc);
+            } else {
+              part.addmm_(p.t(), goc);
+            }
+          }
         }
       });
       if (need_lm) {
@@ -392,10 +440,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
     // calls were S parallel regions, each a barrier that waits for a descheduled thread on a
     // busy machine.
     if (need_w) {
-      at::Tensor gw_planar = at::zeros({D, L}, copt);
+      at::Tensor gw_planar_t = at::zeros({L, D}, copt);
       AT_DISPATCH_FLOATING_TYPES(ct, "landmark_patch_embed_backward_cpu_sum", [&] {
         const scalar_t* part = w_part.const_data_ptr<scalar_t>();
-        scalar_t* gw = gw_planar.mutable_data_ptr<scalar_t>();
+        scalar_t* gw = gw_planar_t.mutable_data_ptr<scalar_t>();
         const int64_t n = D * L;
         with_cpu_isa([&](auto isa) {
           at::parallel_for(0, n, 8192, [&](int64_t i0, int64_t i1) {
@@ -403,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
           });
         });
       });
-      g_w.index_copy_(1, cols, gw_planar);  // back to token order
+      g_w.index_copy_(1, cols, gw_planar_t.t());  // back to (D, L), token order
     }
     if (need_b) {
       at::Tensor acc = b_part[0].clone();

@@ -55,13 +55,13 @@ def test_gather_var_pads_to_the_longest_rank_and_trims_back(world):
 
 
 def test_gather_rows_forward_in_rank_order_and_backward_sums_then_scales(world):
-    mine = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
-    theirs = torch.tensor([[5.0, 6.0], [7.0, 8.0]])
-    their_grad = torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 2.0], [3.0, 4.0]])
+    mine = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)  # 2 rows of 3: rows != width
+    theirs = torch.tensor([[7.0, 8.0, 9.0], [10.0, 11.0, 12.0]])
+    their_grad = torch.tensor([[0.5] * 3, [0.5] * 3, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     world(1, [theirs, their_grad])
     out = _GatherRows.apply(mine)
     torch.testing.assert_close(out, torch.cat([theirs, mine.detach()]), rtol=0, atol=0)
-    grad = torch.arange(8.0).reshape(4, 2)
+    grad = torch.arange(12.0).reshape(4, 3)
     out.backward(grad)
     # rows of rank 1 summed over both ranks, times the world size (DDP then averages)
     torch.testing.assert_close(mine.grad, (grad[2:] + their_grad[2:]) * 2, rtol=0, atol=0)

@@ -47,7 +47,7 @@ MODULES = {
                   "*x_forward_loss__*"]),
     "finetune": ("lafs_fast/train/finetune.py",
                  ["tests/test_release_recipe_finetune.py", "tests/test_step_equivalence_finetune.py",
-                  "tests/test_fewshot_protocol.py"],
+                  "tests/test_fewshot_protocol.py", "tests/test_train.py", "-m", "not slow"],
                  ["*x_build_run__*", "*x_make_param_groups__*", "*x_peak_lr__*", "*x_release_sqrt_lr__*",
                   "*x_optimizer_step__*", "*x_train_one_epoch__*", "*x_forward_backward__*",
                   "*x_clip_gradients__*", "*x_drift_weight__*"]),

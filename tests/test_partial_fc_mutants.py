@@ -54,17 +54,20 @@ def test_gather_var_pads_to_the_longest_rank_and_trims_back(world):
     torch.testing.assert_close(out, torch.cat([mine, theirs_padded[:1]]), rtol=0, atol=0)
 
 
-def test_gather_rows_forward_in_rank_order_and_backward_sums_then_scales(world):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_gather_rows_forward_in_rank_order_and_backward_sums_then_scales(world, rank):
     mine = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)  # 2 rows of 3: rows != width
     theirs = torch.tensor([[7.0, 8.0, 9.0], [10.0, 11.0, 12.0]])
     their_grad = torch.tensor([[0.5] * 3, [0.5] * 3, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    world(1, [theirs, their_grad])
+    world(rank, [theirs, their_grad])
     out = _GatherRows.apply(mine)
-    torch.testing.assert_close(out, torch.cat([theirs, mine.detach()]), rtol=0, atol=0)
+    in_order = [mine.detach(), theirs] if rank == 0 else [theirs, mine.detach()]
+    torch.testing.assert_close(out, torch.cat(in_order), rtol=0, atol=0)
     grad = torch.arange(12.0).reshape(4, 3)
     out.backward(grad)
-    # rows of rank 1 summed over both ranks, times the world size (DDP then averages)
-    torch.testing.assert_close(mine.grad, (grad[2:] + their_grad[2:]) * 2, rtol=0, atol=0)
+    # this rank's rows, summed over both ranks, times the world size (DDP then averages)
+    own = slice(2 * rank, 2 * rank + 2)
+    torch.testing.assert_close(mine.grad, (grad[own] + their_grad[own]) * 2, rtol=0, atol=0)
 
 
 def test_sum_over_ranks_forward_adds_and_backward_passes_through(world):

@@ -45,6 +45,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_where_the_straight_run_ends(tm
     b = torch.load(resumed["checkpoint"], weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert [r["step"] for r in metrics(tmp_path / "b")] == list(range(1, 13))  # 8 steps, then the last 4
     tail = [{k: r[k] for k in ("step", "epoch", "loss")} for r in metrics(tmp_path / "a")[8:]]
     assert [{k: r[k] for k in ("step", "epoch", "loss")} for r in metrics(tmp_path / "b")[-4:]] == tail
 
@@ -100,9 +101,18 @@ def test_views_seeds_and_subsets_come_from_the_runs_own_generator(tmp_path):
     assert r.seen == 6 * 8  # images trained on (the images/s figure)
 
 
-def test_build_run_names_its_stage_and_keeps_device_and_precision(tmp_path):
+def test_build_run_names_its_stage_and_a_step_runs_in_its_precision(tmp_path, monkeypatch):
     r = pretrain.build_run(config(tmp_path / "a", amp="bf16"))
     assert r.stage == "pretrain" and r.device == torch.device("cpu") and r.amp == "bf16"
+    seen, real = [], pretrain.LafsPretrainer.forward
+
+    def forward(self, *args, **kw):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(pretrain.LafsPretrainer, "forward", forward)
+    next(pretrain.train_one_epoch(r, 0))
+    assert seen == [(True, torch.bfloat16)]
 
 
 class Stop(Exception):
@@ -133,6 +143,8 @@ def test_a_folder_dataset_is_read_from_data_path(tmp_path):
     r = pretrain.build_run(config(tmp_path / "out", dataset="folder", data_path=str(tmp_path / "faces"),
                                   workers=0))
     assert r.steps_per_epoch == 1 and r.data.global_batch == 8
+    images, labels = next(iter(r.data.epoch_batches(0, 0)))  # through a DataLoader
+    assert images.shape[0] == 8 and sorted(labels.tolist()) == [0] * 4 + [1] * 4
 
 
 @pytest.mark.parametrize("epoch, frozen", [(1, True), (2, False)])
@@ -157,5 +169,7 @@ def test_a_non_finite_loss_names_its_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretrain, "forward_loss", poisoned)
     r = pretrain.build_run(config(tmp_path))
-    with pytest.raises(dino.NonFiniteLossError, match=r"non-finite loss nan at epoch 0 step 2: stopping"):
+    r.save_state(0)  # a checkpoint to point the user back to
+    with pytest.raises(dino.NonFiniteLossError, match=r"non-finite loss nan at epoch 0 step 2: stopping\..* "
+                                                      r"Last checkpoint: .*step-00000000\.pt\.$"):
         list(pretrain.train_one_epoch(r, 0))

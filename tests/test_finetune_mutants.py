@@ -161,3 +161,8 @@ def test_errors_say_what_is_wrong(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"^non-finite loss at step 0 \(epoch 3\); the last good "
                                                  r"checkpoint is None$"):
         finetune.forward_backward(r, images, labels, 3, 0.0, boundary=True)
+
+
+def test_partial_fc_in_one_process_trains_with_row_targets_and_mixup(tmp_path):
+    res = run(config(tmp_path, partial_fc="on", mixup_prob=1.0, epochs=1))
+    assert res["steps"] == 6 and torch.isfinite(torch.tensor(res["final_loss"]))

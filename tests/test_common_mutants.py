@@ -130,3 +130,62 @@ def test_the_landmark_picture_shows_faces_dots_and_is_doubled(tmp_path):
     assert pixel(0, 2, 2) == [255, 0, 0] and pixel(1, 5, 5) == [255, 0, 0]
     assert pixel(0, 6, 2) == [0, 0, 255] and pixel(1, 2, 6) == [0, 0, 255]
     assert pixel(1, 6, 2) == [64, 64, 64]  # no dot of image 0 on image 1
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
+    cfg = finetune.FinetuneConfig(**TINY, out_dir=str(tmp_path), resume=True)
+    with pytest.raises(UsageError) as e:
+        common._claim_out_dir(cfg)
+    assert str(e.value) == (f"--resume: nothing to resume in {tmp_path} (no step-*.pt checkpoint there) (give the "
+                            "--out-dir of the run to continue, or --resume auto to start fresh when there is none)")
+
+
+@pytest.mark.parametrize("n, shown", [(4, "a0.pt, a1.pt, a2.pt, a3.pt"), (5, "a0.pt, a1.pt, a2.pt, a3.pt, ...")])
+def test_overwrite_names_at_most_four_removed_files(tmp_path, capsys, monkeypatch, n, shown):
+    files = [str(tmp_path / f"a{i}.pt") for i in range(n)]
+    for f in files:
+        open(f, "w").close()
+    monkeypatch.setattr(common, "run_files", lambda out: files)
+    common._claim_out_dir(finetune.FinetuneConfig(**TINY, out_dir=str(tmp_path), overwrite=True))
+    assert capsys.readouterr().out == f"--overwrite: removed {n} file(s) of the earlier run in {tmp_path}: {shown}\n"
+
+
+def test_autocast_is_bf16_or_nothing_on_cpu():
+    with common.autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    for amp in ("fp16", "none"):  # CPU autocast has no fp16 in the recipe: a no-op
+        with common.autocast(torch.device("cpu"), amp):
+            assert not torch.is_autocast_enabled("cpu")
+
+
+def test_adamw_on_cpu_is_the_foreach_implementation():
+    opt = common.make_adamw([{"params": [torch.nn.Parameter(torch.zeros(2))]}], 1e-3, torch.device("cpu"))
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+
+
+def test_param_groups_skip_frozen_parameters_and_need_no_head():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[1].weight.requires_grad_(False)
+    groups = common.param_groups(model, 0.05)
+    params = [p for g in groups for p in g["params"]]
+    assert len(params) == 5 and all(p is not model[1].weight for p in params)
+
+
+def test_set_schedule_on_groups_without_a_base_decay():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0, weight_decay=0.0)
+    common.set_schedule(opt, 0.5, 0.1)
+    assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_seed_everything_seeds_numpy_with_the_seed():
+    import numpy as np
+    common.seed_everything(5)
+    a = np.random.rand()
+    np.random.seed(5)
+    assert a == np.random.rand()
+
+
+def test_a_cuda_device_without_a_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^--device cuda:0: no CUDA GPU is visible$"):
+        common.resolve_device("cuda:0")

@@ -352,7 +352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> landmark_patch_embed_
 
   at::Tensor g_img = need_img ? at::zeros(images.sizes(), copt) : images.new_empty(0);
   at::Tensor g_lm = need_lm ? at::zeros({B, N, 2}, copt) : landmarks.new_empty(0);
-  at::Tensor g_w = need_w ? at::empty({D, L}, copt) : weight.new_empty(0);  // all written
+  // written in full below, except for an empty batch, where grad_weight is zero
+  at::Tensor g_w = need_w ? (M > 0 ? at::empty({D, L}, copt) : at::zeros({D, L}, copt)) : weight.new_empty(0);
   at::Tensor g_b = need_b ? at::zeros({D}, copt) : weight.new_empty(0);
 
   if (M > 0 && D > 0 && (need_img || need_lm || need_w || need_b)) {

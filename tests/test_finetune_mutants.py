@@ -37,6 +37,9 @@ def test_mid_epoch_resume_with_a_left_out_micro_batch_ends_where_the_straight_ru
     assert run(config(tmp_path / "b", stop_after=6, **kw))["stopped"]  # step 6 is mid epoch 1
     resumed = run(config(tmp_path / "b", resume=True, **kw))
     assert straight["steps"] == resumed["steps"] == 8
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")
+             if json.loads(line).get("stage") == "finetune"]
+    assert steps[:8] == list(range(1, 9))  # 6 steps, then only the 2 left (not 8 again)
     assert resumed["landmark_shift_px"] == straight["landmark_shift_px"]  # from the same start landmarks
     a = torch.load(straight["checkpoint"], weights_only=False)["model"]
     b = torch.load(resumed["checkpoint"], weights_only=False)["model"]
@@ -166,3 +169,35 @@ def test_errors_say_what_is_wrong(tmp_path, monkeypatch):
 def test_partial_fc_in_one_process_trains_with_row_targets_and_mixup(tmp_path):
     res = run(config(tmp_path, partial_fc="on", mixup_prob=1.0, epochs=1))
     assert res["steps"] == 6 and torch.isfinite(torch.tensor(res["final_loss"]))
+
+
+def test_fixed_images_are_eight_of_a_dataset_with_more_classes(tmp_path):
+    r = finetune.build_run(config(tmp_path, dataset="orl"))  # 30 training identities
+    assert r.fixed.shape == (8, 3, 112, 112)
+
+
+def grads_of(*shapes_and_values):
+    out = []
+    for shape, value in shapes_and_values:
+        p = torch.nn.Parameter(torch.zeros(shape))
+        p.grad = torch.full(shape, float(value))
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("mode, max_norm", [("global", 0.0), ("global", 0.5), ("per_tensor", 0.5)])
+def test_clipping_with_a_partial_fc_shard(tmp_path, mode, max_norm):
+    from lafs_fast.models.partial_fc import PartialFC
+    head = PartialFC(4, 10, rank=0, world_size=1)
+    head.weight.grad = torch.full((10, 4), 0.5)  # norm 3.162
+    (rest,) = grads_of(((3,), 1.0))  # norm 1.732
+    cfg = config(tmp_path, clip_mode=mode, clip_grad=max_norm)
+    total = finetune.clip_gradients(cfg, [rest, head.weight], head)
+    assert float(total) == pytest.approx((10 * 4 * 0.25 + 3) ** 0.5, rel=1e-5)
+    norms = [float(rest.grad.norm()), float(head.weight.grad.norm())]
+    if max_norm == 0:  # no clipping
+        assert norms == pytest.approx([3 ** 0.5, 10 ** 0.5], rel=1e-5)
+    elif mode == "global":  # one factor for all
+        assert sum(n * n for n in norms) ** 0.5 == pytest.approx(0.5, rel=1e-4)
+    else:  # each tensor on its own
+        assert norms == pytest.approx([0.5, 0.5], rel=1e-4)

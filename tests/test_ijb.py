@@ -11,6 +11,7 @@
   features of an uninterrupted one; a missing or corrupt image is named, counted, left out of
   its template, and shifts no row.
 """
+import argparse
 import json
 import os
 import shutil
@@ -303,6 +304,32 @@ def test_ijbb_names_and_a_release_checkpoint(tmp_path):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
     with open(tmp_path / "release" / "results.json") as f:
         assert json.load(f)["target"] == "IJBB"
+
+
+def test_a_release_lafs_checkpoint_with_the_landmark_cnn_of_another(tmp_path):
+    """The release's LAFS checkpoint holds the teacher's ViT without a landmark CNN: --landmark-cnn
+    names the release checkpoint that has it, and the features equal those of the whole model."""
+    fx = make_ijb_fixture(str(tmp_path / "IJBC"), "IJBC", subjects=3, templates_per_subject=2, seed=2)
+    torch.manual_seed(2)
+    m = create_model("part_fvit_mini", depth=1).eval()
+    release = {_release_name(k): v for k, v in m.state_dict().items()}
+    torch.save({"module." + k: v for k, v in release.items()}, tmp_path / "stage1.pth")
+    vit = {k: v for k, v in release.items() if not k.startswith(("stn.", "output_layer."))}
+    assert 0 < len(vit) < len(release)  # the LAFS file really lacks the landmark CNN
+    teacher = {"module.backbone." + k: v for k, v in vit.items()}
+    teacher.update({"module.head.mlp.0.weight": torch.randn(8, 192), "module.head.last_layer.weight_g":
+                    torch.ones(5, 1), "module.head.last_layer.weight_v": torch.randn(5, 8)})
+    student = {"module.backbone." + k: torch.zeros_like(v) for k, v in vit.items()}
+    torch.save({"teacher": teacher, "student": student, "epoch": 3, "args": argparse.Namespace(lr=1e-3)},
+               tmp_path / "lafs.pth")
+    save_model(m, str(tmp_path / "model.pt"))
+    common = ["--root", fx.root, "--target", "IJBC", "--workers", "0", "--no-progress"]
+    assert main(["ijb", *common, "--checkpoint", str(tmp_path / "lafs.pth"), "--landmark-cnn",
+                 str(tmp_path / "stage1.pth"), "--out", str(tmp_path / "lafs")]) == 0
+    assert main(["ijb", *common, "--checkpoint", str(tmp_path / "model.pt"), "--out", str(tmp_path / "model")]) == 0
+    a, b = load(tmp_path / "lafs", "features.npy"), load(tmp_path / "model", "features.npy")
+    assert a.shape == (len(fx.names), 192) and np.abs(b).max() > 0
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -3,8 +3,9 @@
 # install line, typed as written (non-editable), at the root of a copy of the checkout as a fresh
 # clone has it, then `python -m lafs_fast.info` and the main job at one epoch per stage from that
 # repository root and from another folder (the compiled cpu backend in use, no fallback, the final
-# table printed, the log short), and the whole suite run from outside the source tree against the
-# non-editable install. Leaves lafs_fast uninstalled from the env at the end.
+# table printed, the log short), the onnx extra with an export of the main job's model checked in
+# onnxruntime, and the whole suite run from outside the source tree against the non-editable
+# install. Leaves lafs_fast uninstalled from the env at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -38,6 +39,13 @@ check_main_job "$USER_REPO"
 stamp "main job from the repository root passed"
 check_main_job "$OTHER"
 stamp "main job from another folder passed"
+
+# The onnx extra as a user adds it (pip reuses the build folder of the install above: nothing is
+# recompiled), then the main job's model exported and checked against PyTorch in onnxruntime.
+pip install -q --no-build-isolation '.[onnx]'
+python -m lafs_fast.export --checkpoint "$OTHER/run-$(basename "$USER_REPO")/3_finetune/model.pt" \
+    --out "$OTHER/model.onnx" --check
+stamp "pip install '.[onnx]' and export --check passed"
 
 # the whole suite from outside the source tree, against the non-editable install
 ( cd "$OTHER" && python -m pytest -q -p no:cacheprovider --rootdir "$USER_REPO" "$USER_REPO/tests" )

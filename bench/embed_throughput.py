@@ -11,8 +11,8 @@ then a torch.profiler split of lafs_fast's float32 forward into GEMM time (mm / 
 linear / matmul / SDPA's GEMMs), convolution time and the rest. Writes --out (markdown) and
 --json.
 
-    python bench/embed_throughput.py --release /tmp/LAFS_CVPR2024           # part_fvit_b, 2 threads
-    python bench/embed_throughput.py --release /tmp/LAFS_CVPR2024 --threads 1 --clock cpu \
+    python bench/embed_throughput.py --release ../LAFS_CVPR2024           # part_fvit_b, 2 threads
+    python bench/embed_throughput.py --release ../LAFS_CVPR2024 --threads 1 --clock cpu \
         --out bench/embed_throughput_cpu1.md --json bench/embed_throughput_cpu1.json
                             # CPU work only: robust to other processes on a shared machine
 

@@ -25,7 +25,7 @@ Shims, applied at run time only (nothing in the release is edited):
   * the models are built at the benchmark's size (the release hard-codes dim 768, depth 12,
     heads 11, mlp 2048, DINO out 100000 in `train_lafs`): its own classes, other sizes.
 
-    python bench/release_step.py --release /tmp/LAFS_CVPR2024        # images/s of its step alone
+    python bench/release_step.py --release ../LAFS_CVPR2024        # images/s of its step alone
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@
 // passes over all rows, with the images cached (one set, re-read every pass) and cold (24 sets
 // in turn, 115 MB: each pass reads its images from memory).
 //
-//   g++ -O3 -std=c++20 -Icsrc bench/sampling_microbench.cpp -o /tmp/sampling_microbench
-//   /tmp/sampling_microbench [token]     # token: the token layout of landmark_patches
+//   g++ -O3 -std=c++20 -Icsrc bench/sampling_microbench.cpp -o sampling_microbench
+//   ./sampling_microbench [token]     # token: the token layout of landmark_patches
 #include <time.h>
 
 #include <algorithm>

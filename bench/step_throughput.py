@@ -8,7 +8,7 @@
 model only (the same cached batch every step) and with data (decode + views in the timed region),
 then a torch.profiler table of the fused step (and of the release's with --profile release).
 
-    python bench/step_throughput.py --release /tmp/LAFS_CVPR2024      # CPU: the documented config
+    python bench/step_throughput.py --release ../LAFS_CVPR2024      # CPU: the documented config
     python bench/step_throughput.py --variant bf16:amp=bf16 --variant image:landmark_source=image
     python bench/step_throughput.py --model part_fvit_b --batch 82 --amp bf16   # a GPU
 

@@ -3,7 +3,7 @@
 own step (release_step.py), in the same run, with data (JPEG decode + views) in the timed region
 and without.
 
-    LAFS_RELEASE=/tmp/LAFS_CVPR2024 pytest bench/test_bench_step.py --benchmark-json=bench/step.json
+    LAFS_RELEASE=../LAFS_CVPR2024 pytest bench/test_bench_step.py --benchmark-json=bench/step.json
     python bench/report.py bench/step.json
 
 Defaults (CPU): part_fvit_mini, batch 16, 2 + 8 views, DINO out 4096. Overrides:

@@ -154,7 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     groups = {g: parser.add_argument_group(g) for g in topics}
     for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        group, text = groups[help_group(f.name)], f"{f.metadata.get('help', '')} (default: {default})"
+        group, text = groups[help_group(f.name)], f.metadata.get('help', '')
+        if "(default:" not in text:  # a help that explains its default says it once
+            text += f" (default: {default})"
         if hints[f.name] in (bool, BoolOrAuto):
             add_bool_argument(group, f.name, argparse.SUPPRESS, text, with_auto=hints[f.name] == BoolOrAuto)
             continue

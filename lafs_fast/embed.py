@@ -197,7 +197,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
         five_points: str = "", amp: str = "none") -> dict:
     given = [bool(images), bool(list_file), bool(recordio), bool(bin_file)]
     if sum(given) != 1:
-        raise ValueError("give exactly one input: --images, --list, --recordio or --bin")
+        raise ValueError(f"give exactly one input: --images, --list, --recordio or --bin (got {sum(given)})")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if five_points and not (images or list_file):

@@ -19,7 +19,7 @@ from lafs_fast.dino import (
 
 
 def test_release_defaults_of_the_teacher_temperature_and_loss():
-    # teacher temp linear 0.07 -> 0.04 over 30 epochs of 41 (LAFS_FACTS section 3)
+    # teacher temp linear 0.07 -> 0.04 over 30 epochs of 41 (docs/method.md)
     temps = teacher_temp_schedule()
     assert len(temps) == 41
     assert temps[0] == pytest.approx(0.07) and temps[29] == pytest.approx(0.04)

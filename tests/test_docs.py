@@ -162,6 +162,28 @@ def test_no_page_tells_how_the_project_was_made(page):
     assert not hits, f"{page}: history of the project's making (line, phrase): {hits}"
 
 
+def source_files():
+    """The repository's code, configs and CI scripts (this file excepted: it holds the patterns)."""
+    found = []
+    for top in ("lafs_fast", "kernels", "bench", "tests", "csrc", "configs", ".ci"):
+        for path in glob.glob(os.path.join(ROOT, top, "**", "*"), recursive=True):
+            if path.endswith((".py", ".cpp", ".h", ".cu", ".cuh", ".sh", ".yaml")) or os.path.basename(path) == "run":
+                found.append(os.path.relpath(path, ROOT))
+    return sorted(p for p in found if os.path.isfile(os.path.join(ROOT, p)) and not p.endswith("test_docs.py")
+                  and "mutants" not in p.split(os.sep))
+
+
+def test_no_source_file_tells_how_the_project_was_made_or_cites_missing_notes():
+    """Comments and docstrings describe the product too; the method's facts live in docs/method.md."""
+    files = source_files()
+    assert len(files) > 100 and "lafs_fast/train/run.py" in files and "csrc/lafs_ops.cpp" in files
+    patterns = HISTORY + [r"LAFS_FACTS", r"ARCHITECTURE\.md"]
+    hits = [f"{path}:{n + 1}: {m.group(0)}" for path in files
+            for n, line in enumerate(read(path).splitlines())
+            for pattern in patterns for m in [re.search(pattern, line)] if m]
+    assert not hits, "history of the project's making, or notes outside the repository: " + "; ".join(hits)
+
+
 def test_readme_is_short():
     lines = read("README.md").count("\n")
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail to docs/ (at most {README_MAX_LINES})"

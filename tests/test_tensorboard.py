@@ -153,9 +153,10 @@ def test_pretrain_logs_weight_decay_and_teacher_temperature(tmp_path, threads):
     assert [v for _, v in got["pretrain/teacher_temp"]][:12] == pytest.approx([r["teacher_temp"] for r in steps])
 
 
-def test_the_corrupt_images_of_each_epoch_are_counted(tmp_path, threads):
+def test_the_corrupt_images_of_each_epoch_are_counted(tmp_path, threads, capsys):
     """A folder with one undecodable image among 12: each epoch's line counts it (the second
-    epoch passes it over for free, flagged by the first, and still counts it as missing)."""
+    epoch passes it over for free, flagged by the first, and still counts it as missing), in
+    metrics.jsonl and in the log."""
     import torch
 
     from lafs_fast.data.image_folder import encode_image
@@ -175,3 +176,5 @@ def test_the_corrupt_images_of_each_epoch_are_counted(tmp_path, threads):
                     "--out-dir", str(out)])
     epochs = [r for r in jsonl_records(out) if r["stage"] == "finetune_epoch"]
     assert [(r["epoch"], r["corrupt_images"]) for r in epochs] == [(0, 1), (1, 1)]
+    said = [line for line in capsys.readouterr().out.splitlines() if "corrupt" in line]
+    assert said == ["finetune epoch 0: 1 corrupt image(s) skipped", "finetune epoch 1: 1 corrupt image(s) skipped"]

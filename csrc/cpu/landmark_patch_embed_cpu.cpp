@@ -42,9 +42,10 @@ namespace cpu {
 namespace {
 
 // Rows per chunk: the patch buffer (512 x 192 floats for P=8, C=3) stays in L2, and chunked
-// GEMMs of 256-1024 rows ran as fast as (or faster than) one GEMM on all rows on the target.
+// GEMMs of 256-1024 rows ran as fast as (or faster than) one GEMM on all rows (AMD EPYC, MKL).
 constexpr int64_t kChunkRows = 512;
-// Largest image read ahead into the cache (a fraction of the 512 KiB L2 of the target's cores).
+// Largest image read ahead into the cache (a fraction of a 512 KiB L2, the per-core L2 of AMD EPYC
+// Zen 2 / Zen 3, the smallest of the CPUs it is tuned for).
 constexpr int64_t kWarmImageBytes = 384 * 1024;
 
 // A large output written right after its allocation pays one page fault per 4 KiB (about 2 us

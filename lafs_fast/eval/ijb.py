@@ -105,7 +105,7 @@ def _check_layout(root: str, target: str) -> dict[str, str]:
         raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     paths = meta_paths(root, target)
     if not os.path.isdir(root):
-        raise ValueError(f"--root {root!r} is not a folder")
+        raise ValueError(f"--root {root!r} is not a folder (give the folder that holds meta/ and loose_crop/)")
     missing = [p for k, p in paths.items() if not (os.path.isdir(p) if k == "images" else os.path.isfile(p))]
     if missing:
         hint = ""

@@ -193,8 +193,10 @@ def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: 
                 return {"steps": run.step, "stopped": True}
         with failed_writes(run):  # a validator's best.pt
             _call(hooks, "after_epoch", run, epoch)
-        run.logger.log(stage=run.stage + "_epoch", step=run.step, epoch=epoch,
-                       corrupt_images=epoch_corrupt_images(run, epoch))
+        corrupt = epoch_corrupt_images(run, epoch)
+        run.logger.log(stage=run.stage + "_epoch", step=run.step, epoch=epoch, corrupt_images=corrupt)
+        if corrupt and run.is_main:  # the warnings name each file once; the count is per epoch
+            print(f"{run.stage} epoch {epoch}: {corrupt} corrupt image(s) skipped", flush=True)
         if last_saved != run.step:
             save_or_fail(run, epoch + 1)
             last_saved = run.step

@@ -348,3 +348,44 @@ def test_the_option_is_a_switch_off_by_default():
         return cfgmod.parse(finetune.FinetuneConfig, ["--dataset", "synthetic", "--threads", "1", *flags])
     assert parse("--accum-across-epochs").accum_across_epochs is True
     assert parse("--accum-across-epochs", "--no-accum-across-epochs").accum_across_epochs is False
+
+
+# ----------------------------------------------------------------------------- two ranks
+def two_rank_worker(rank, world, port, root):
+    """2 CPU ranks, Partial FC (each rank's own class rows), steps of 4 micro-batches of 2 x 4
+    faces: 6 micro-batches an epoch, step 1 ends at micro-batch 3 and 2 are pending at epoch 0's
+    end. A straight run, and one stopped after step 2 and resumed from step 1's checkpoint."""
+    from lafs_fast.train import distributed
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    finetune.create_model = tiny_model
+    kw = dict(batch_size=4, epochs=2, accum_steps=4, partial_fc="on", dist_timeout=60, **RESUME)
+    try:
+        finetune.run(config(f"{root}/straight", **kw))
+        finetune.run(config(f"{root}/resumed", stop_after=2, **kw))
+        finetune.run(config(f"{root}/resumed", resume=True, **kw))
+    except Exception as e:
+        with open(f"{root}/error{rank}.txt", "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow  # two spawned ranks, three short runs each (~20 s on 2 cores)
+def test_two_ranks_keep_each_ranks_pending_gradients_and_resume_bitwise(tmp_path):
+    from test_partial_fc import run_two_ranks
+    run_two_ranks(two_rank_worker, tmp_path, timeout=600)
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    state = checkpoint(b, 1)
+    assert state["pending"] == {"micro": 2, "world_size": 2, "sums": state["pending"]["sums"]}
+    g0, g1 = (torch.load(f"{b}/step-00000001.pt.grads-{r}-of-2")["grads"] for r in range(2))
+    assert g0.keys() == g1.keys() and "head.weight" in g0
+    assert not torch.equal(g0["model.cls_token"], g1["model.cls_token"])  # local: DDP averages at the step
+    assert logged(a) == logged(b) and len(logged(a)) == 3
+    sa, sb = checkpoint(a, 3), checkpoint(b, 3)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    for r in range(2):
+        ha, hb = (torch.load(f"{d}/step-00000003.pt.head-{r}-of-2") for d in (a, b))
+        assert torch.equal(ha["weight"], hb["weight"]) and torch.equal(ha["optimizer"]["exp_avg"],
+                                                                       hb["optimizer"]["exp_avg"])

@@ -291,6 +291,19 @@ def test_resume_from_epoch_zeros_end_and_from_a_step_mid_epoch_is_bitwise(straig
     assert logged(out) == logged(ref)
 
 
+def test_gradient_files_leave_with_their_checkpoint_and_with_overwrite(tiny, tmp_path):
+    out = tmp_path / "run"
+    finetune.run(config(out, keep_checkpoints=1))
+    assert sorted(f for f in os.listdir(out) if f.startswith("step-")) == ["step-00000005.pt"]
+    finetune.run(config(out, keep_checkpoints=2, epochs=2, overwrite=True))  # ends at step 3, 1 pending
+    assert sorted(f for f in os.listdir(out) if f.startswith("step-")) == [
+        "step-00000001.pt", "step-00000001.pt.grads-0-of-1", "step-00000003.pt"]
+    stale = out / "step-00000003.pt.grads-0-of-1"
+    stale.write_bytes(b"")  # as if from an earlier run in this folder
+    finetune.run(config(out, stop_after=1, overwrite=True))
+    assert not stale.exists()
+
+
 # ----------------------------------------------------------------------------- resume errors
 def copy_step(ref, out, step=3, grads=True):
     out.mkdir()

@@ -95,7 +95,7 @@ class FinetuneConfig(common.RunConfig):
     accum_across_epochs: bool = config.field(False, "count --accum-steps micro-batches across epoch ends, as the "
                                                     "release: every micro-batch is trained on, a step may span two "
                                                     "epochs, the run takes epochs x batches / accum steps (off: an "
-                                                    "epoch's last batches % accum micro-batches are left out)")
+                                                    "epoch's last (batches mod accum) micro-batches are left out)")
     lr_rule: str = config.field("none", "none: --lr is the peak lr; sqrt: the release's rule, lr x accum "
                                         "x sqrt(336 x global batch) / 480", choices=["none", "sqrt"])
     clip_mode: str = config.field("global", "gradient clipping over all tensors or per tensor",

@@ -128,7 +128,7 @@ HELP_GROUPS = {
               "margin", "out_dim", "head_hidden", "head_bottleneck", "student_temp"),
     "optimisation": ("batch_size", "pretrain_batch_size", "lr", "weight_decay", "cnn_weight_decay",
                      "cnn_head_weight_decay", "layer_decay", "cnn_lr_scale", "clip_grad", "clip_mode",
-                     "decay_tokens", "accum_steps", "lr_rule", "drift_lambdas"),
+                     "decay_tokens", "accum_steps", "accum_across_epochs", "lr_rule", "drift_lambdas"),
     "schedule": ("epochs", "supervised_epochs", "pretrain_epochs", "finetune_epochs", "warmup_epochs", "min_lr",
                  "weight_decay_end", "momentum_teacher", "teacher_temp", "warmup_teacher_temp",
                  "warmup_teacher_temp_epochs", "freeze_last_layer", "drift_epochs", "stop_after"),

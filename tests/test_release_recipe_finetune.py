@@ -35,7 +35,7 @@ RELEASE = dict(model="part_fvit_b", landmarks="cnn", epochs=34, batch_size=200, 
                scale=64.0, margin=0.4, drift_lambdas=[0.0] * 5, mixup_alpha=0.2, mixup_prob=0.1,
                augment="release", randaugment="rand-m1-mstd0.5-inc1", crop_scale=0.9, color_jitter=0.1,
                erase_prob=0.5, channel_order="bgr", dataset="recordio", weight_init="release", amp="fp16",
-               sample_rate=1.0)
+               sample_rate=1.0, accum_across_epochs=True)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

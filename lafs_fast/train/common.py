@@ -162,7 +162,7 @@ def ensure_writable_dir(path: str) -> str:
 # What a run writes that a later run in the same folder would mix with its own: the first two
 # mark a folder as holding a run; --overwrite removes them all.
 RUN_MARKS = ("metrics.jsonl", "step-*.pt")
-RUN_FILES = RUN_MARKS + ("step-*.pt.head-*-of-*", ".tmp_step-*", "best.pt",
+RUN_FILES = RUN_MARKS + ("step-*.pt.head-*-of-*", "step-*.pt.grads-*-of-*", ".tmp_step-*", "best.pt",
                          os.path.join("tb", "events.out.tfevents.*"))
 
 

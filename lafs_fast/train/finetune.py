@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import glob
 import math
 import os
 from dataclasses import dataclass
@@ -91,6 +92,10 @@ class FinetuneConfig(common.RunConfig):
     relabel_subset: bool = config.field(False, "renumber the classes present in the kept images 0..K-1 (a K-way head "
                                                "without rows for absent identities; not the release's protocol)")
     accum_steps: int = config.field(1, "micro-batches per optimiser step (gradient accumulation; release: 3)")
+    accum_across_epochs: bool = config.field(False, "count --accum-steps micro-batches across epoch ends, as the "
+                                                    "release: every micro-batch is trained on, a step may span two "
+                                                    "epochs, the run takes epochs x batches / accum steps (off: an "
+                                                    "epoch's last (batches mod accum) micro-batches are left out)")
     lr_rule: str = config.field("none", "none: --lr is the peak lr; sqrt: the release's rule, lr x accum "
                                         "x sqrt(336 x global batch) / 480", choices=["none", "sqrt"])
     clip_mode: str = config.field("global", "gradient clipping over all tensors or per tensor",
@@ -353,15 +358,35 @@ class FinetuneRun(Run):
     start_landmarks: Optional[torch.Tensor] = None
     rows: Optional[slice] = None             # this rank's rows of the global batch
     params: list = dataclasses.field(default_factory=list)  # what gradient clipping sees
+    micro_per_epoch: int = 0                 # batches of an epoch in the run's stream of micro-batches
+    sums: Optional[torch.Tensor] = None      # (loss, drift, total) summed over the step being accumulated
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.micro_per_epoch // self.cfg.accum_steps
+
+    def micro_batches(self, epoch: int) -> int:
+        """The epoch's micro-batches that are trained on: all of its part of the stream up to the
+        run's last optimiser step."""
+        stream_end = self.total_steps * self.cfg.accum_steps
+        return max(0, min(self.micro_per_epoch, stream_end - epoch * self.micro_per_epoch))
+
+    def pending(self, epoch: int) -> int:
+        """Micro-batches accumulated towards step self.step + 1 when epoch `epoch` begins (0 but at
+        an epoch end inside a step of --accum-across-epochs)."""
+        trained = min(epoch * self.micro_per_epoch, self.total_steps * self.cfg.accum_steps)
+        return max(0, trained - self.step * self.cfg.accum_steps)
 
     def save_state(self, epoch: int) -> None:
-        head_sd, opt_sd = partial_fc.checkpoint_parts(self.head, self.optimizer,
-                                                      self.ring.path(self.step))  # + shard files
+        path = self.ring.path(self.step)
+        head_sd, opt_sd = partial_fc.checkpoint_parts(self.head, self.optimizer, path)  # + shard files
+        pending = save_pending_accumulation(self, epoch, path)  # + gradient files
         self.write_checkpoint(epoch, model=self.model.state_dict(), head=head_sd, optimizer=opt_sd,
                               start_landmarks=self.start_landmarks, config=dataclasses.asdict(self.cfg),
-                              model_config=self.model.config, kind="finetune")
-        if self.is_main:  # shard files of checkpoints the ring removed
+                              model_config=self.model.config, kind="finetune", **pending)
+        if self.is_main:  # shard and gradient files of checkpoints the ring removed
             partial_fc.prune_shards(self.cfg.out_dir)
+            prune_pending_grads(self.cfg.out_dir)
 
     def finish(self) -> dict:
         """A summary line, the landmark pictures and model.pt."""
@@ -378,6 +403,90 @@ class FinetuneRun(Run):
         result["landmark_shift_px"] = (end_landmarks - self.start_landmarks).norm(dim=-1).mean().item()
         save_model(model, result["checkpoint"], stage="finetune")
         return result
+
+
+# ----------------------------------------------------------------------------- an accumulation over an epoch end
+def pending_grads_path(checkpoint: str, rank: int, world_size: int) -> str:
+    return f"{checkpoint}.grads-{rank}-of-{world_size}"
+
+
+def _named_params(run: FinetuneRun) -> Iterator[tuple[str, nn.Parameter]]:
+    """Every trained tensor by a stable name: the model's, then the head's (a Partial FC shard's own rows)."""
+    for part, module in (("model", run.model), ("head", run.head)):
+        for name, p in module.named_parameters():
+            yield f"{part}.{name}", p
+
+
+def save_pending_accumulation(run: FinetuneRun, epoch: int, checkpoint: str) -> dict:
+    """The checkpoint entry of the micro-batches accumulated towards the next step when epoch
+    `epoch` begins ({} when none are): their count and loss sums; each rank's gradients so far
+    (DDP has not averaged them yet) go to its own file beside the checkpoint. Collective."""
+    micro = run.pending(epoch)
+    if not micro:
+        return {}
+    from ..checkpoint import save_checkpoint
+    me = distributed.info()
+    grads = {name: p.grad.detach().cpu() for name, p in _named_params(run) if p.grad is not None}
+    save_checkpoint(pending_grads_path(checkpoint, me.rank, me.world_size), {"grads": grads})
+    # every rank's file is on disk before rank 0 writes the checkpoint (write_checkpoint gathers first)
+    return {"pending": {"micro": micro, "sums": run.sums.detach().cpu().clone(), "world_size": me.world_size}}
+
+
+def restore_pending_accumulation(run: FinetuneRun, state: dict, checkpoint: str) -> None:
+    """--resume: the gradients and loss sums of micro-batches accumulated at the checkpoint (a
+    step spanning its epoch end), so that the step completes as in a run never stopped."""
+    from ..checkpoint import CheckpointError, load_checkpoint
+    record = state.get("pending", {"micro": 0})
+    expected = run.pending(state["epoch"])
+    if record["micro"] != expected and (run.cfg.accum_across_epochs or "pending" in state):
+        across = " --accum-across-epochs" if run.cfg.accum_across_epochs else ""
+        raise ValueError(f"{checkpoint} holds {record['micro']} micro-batches of a step in progress, this run "
+                         f"(--accum-steps {run.cfg.accum_steps}{across}) expects {expected}: resume with the "
+                         "--accum-steps and --accum-across-epochs it was written with")
+    if not expected:
+        return
+    me = distributed.info()
+    if record["world_size"] != me.world_size:
+        raise ValueError(f"{checkpoint} holds the gradients of a step in progress on {record['world_size']} ranks, "
+                         f"this run has {me.world_size}: resume with {record['world_size']} ranks")
+    path = pending_grads_path(checkpoint, me.rank, me.world_size)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{checkpoint}: its gradient file {path} is missing (every rank's file must sit "
+                              "beside the checkpoint)")
+    grads = load_checkpoint(path)["grads"]
+    for name, p in _named_params(run):
+        p.grad = grads[name].to(p.device) if name in grads else None
+    run.sums = record["sums"].to(run.device)
+
+
+def prune_pending_grads(folder: str) -> None:
+    """Remove gradient files whose checkpoint is gone (rotated out of the ring, or never written)."""
+    for f in glob.glob(os.path.join(folder, "step-*.pt.grads-*-of-*")):
+        if not os.path.exists(f.split(".grads-")[0]):
+            with contextlib.suppress(OSError):
+                os.remove(f)
+
+
+def step_plan(cfg: FinetuneConfig, data) -> tuple[int, int, np.ndarray]:
+    """(optimiser steps of an epoch, batches of an epoch in the run's stream of micro-batches, lr
+    per step). Steps of --accum-steps micro-batches within an epoch: len // accum steps, the
+    epoch's last len % accum batches left out. --accum-across-epochs: one stream of epochs x len
+    micro-batches, floor(epochs x len / accum) steps, warmup_epochs x len / accum of them warm-up
+    (the release's counting, train_largescale.py:722, 729-733, 870-891)."""
+    accum, batches = cfg.accum_steps, len(data)
+    peak, warmup = peak_lr(cfg, data.global_batch), min(cfg.warmup_epochs, cfg.epochs / 2)
+    if not cfg.accum_across_epochs:
+        if batches < accum:
+            raise ValueError(f"--accum-steps {accum} exceeds the {batches} batches of an epoch")
+        steps_per_epoch = batches // accum
+        lr = cosine_schedule(peak, cfg.min_lr, cfg.epochs, steps_per_epoch, warmup_epochs=warmup)
+        return steps_per_epoch, steps_per_epoch * accum, lr
+    total = cfg.epochs * batches // accum
+    if total < 1:
+        raise ValueError(f"--accum-steps {accum} exceeds the {cfg.epochs * batches} batches of the run "
+                         f"({cfg.epochs} epochs of {batches})")
+    lr = cosine_schedule(peak, cfg.min_lr, total, 1, warmup_epochs=warmup * batches / accum)  # per step
+    return batches // accum, batches, lr
 
 
 def drift_reference(cfg: FinetuneConfig, model) -> Optional[nn.Module]:
@@ -401,17 +510,13 @@ def build_run(cfg: FinetuneConfig, stage: str = "finetune") -> FinetuneRun:
     frozen_cnn = drift_reference(cfg, model)
     distributed.seed_rank_rngs(cfg.seed)  # weights are equal on every rank; dropout masks must not be
     opt = common.make_adamw(make_param_groups(cfg, model, head), cfg.lr, device)
-    # Optimiser steps of --accum-steps micro-batches each (train_one_epoch).
-    if len(data) < cfg.accum_steps:
-        raise ValueError(f"--accum-steps {cfg.accum_steps} exceeds the {len(data)} batches of an epoch")
-    steps_per_epoch = len(data) // cfg.accum_steps
-    lr = cosine_schedule(peak_lr(cfg, data.global_batch), cfg.min_lr, cfg.epochs, steps_per_epoch,
-                         warmup_epochs=min(cfg.warmup_epochs, cfg.epochs / 2))
+    steps_per_epoch, micro_per_epoch, lr = step_plan(cfg, data)  # steps of --accum-steps micro-batches
     # One generator, in step on every rank: augmentation and mixup draw for the global batch.
     run = FinetuneRun(cfg=cfg, stage=stage, device=device, amp=amp, data=data, model=model, optimizer=opt,
                       scaler=common.make_grad_scaler(device, amp),
                       generator=torch.Generator().manual_seed(cfg.seed + 1), steps_per_epoch=steps_per_epoch,
-                      schedules={"lr": lr}, head=head, frozen_cnn=frozen_cnn,
+                      schedules={"lr": lr}, head=head, frozen_cnn=frozen_cnn, micro_per_epoch=micro_per_epoch,
+                      sums=torch.zeros(3, device=device),
                       rows=slice(me.rank * cfg.batch_size, (me.rank + 1) * cfg.batch_size))
     state = run.resume(per_rank_generator=False)
     if state:
@@ -429,6 +534,8 @@ def build_run(cfg: FinetuneConfig, stage: str = "finetune") -> FinetuneRun:
     run.ddp_head = head if isinstance(head, PartialFC) else distributed.wrap_ddp(head)  # shards: not DDP
     run.params = list(run.model.parameters()) + list(head.parameters())
     opt.zero_grad(set_to_none=True)
+    if state:
+        restore_pending_accumulation(run, state, run.ring.path(state["step"]))
     return run
 
 
@@ -463,23 +570,25 @@ def forward_backward(run: FinetuneRun, images: torch.Tensor, labels: torch.Tenso
 
 
 def train_one_epoch(run: FinetuneRun, epoch: int) -> Iterator[dict]:
-    """The optimiser steps of one epoch, each of --accum-steps micro-batches; yields each step's
-    metrics. An epoch's last len % accum micro-batches are left out, so that an accumulation
-    never spans a checkpoint at an epoch end."""
+    """The optimiser steps that end in epoch `epoch`, each of --accum-steps consecutive
+    micro-batches of the run's stream; yields each step's metrics. The stream holds an epoch's
+    first len - len % accum batches (no step spans an epoch end), or with --accum-across-epochs
+    all of them: a step may begin in the epoch before, and the batches after the run's last
+    step are left out."""
     cfg, accum = run.cfg, run.cfg.accum_steps
     lam_drift = drift_weight(cfg, epoch)
-    skip = max(0, run.step - epoch * run.steps_per_epoch) * accum
-    sums = torch.zeros(3, device=run.device)
+    first = epoch * run.micro_per_epoch  # the epoch's first micro-batch in the stream
+    skip = max(0, run.step * accum - first)  # done before a checkpoint mid-epoch
     for micro, (images, labels) in enumerate(run.data.epoch_batches(epoch, skip), start=skip):
-        if micro >= run.steps_per_epoch * accum:
+        if micro >= run.micro_batches(epoch):
             break
-        boundary = (micro + 1) % accum == 0
-        sums += forward_backward(run, images, labels, epoch, lam_drift, boundary)
+        boundary = (first + micro + 1) % accum == 0
+        run.sums += forward_backward(run, images, labels, epoch, lam_drift, boundary)
         run.seen += images.shape[0] * distributed.info().world_size
         if not boundary:
             continue
         gnorm = optimizer_step(cfg, run.optimizer, run.scaler, run.params, run.head)
-        shown, sums = sums / accum, torch.zeros(3, device=run.device)
+        shown, run.sums = run.sums / accum, torch.zeros(3, device=run.device)
         run.step += 1
         yield {"step": run.step, "epoch": epoch, "loss": shown[0].item(), "drift": shown[1].item(),
                "drift_lambda": lam_drift, "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(gnorm)}

@@ -53,6 +53,15 @@ class Run:
     def is_main(self) -> bool:
         return distributed.info().is_main
 
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run."""
+        return self.cfg.epochs * self.steps_per_epoch
+
+    def micro_batches(self, epoch: int) -> int:
+        """Batches of epoch `epoch` that are trained on."""
+        return self.steps_per_epoch * getattr(self.cfg, "accum_steps", 1)
+
     def resume(self, per_rank_generator: bool) -> Optional[dict]:
         """--resume: the newest checkpoint in out_dir (None without --resume or a checkpoint),
         with the step, the epoch, every random stream and the AMP scaler restored; the trainer
@@ -141,7 +150,7 @@ def epoch_corrupt_images(run: Run, epoch: int) -> int:
     count = getattr(data.dataset, "count_corrupt", None)
     n = 0
     if count is not None:
-        used = run.steps_per_epoch * getattr(run.cfg, "accum_steps", 1)  # micro-batches the epoch took
+        used = run.micro_batches(epoch)
         r0 = data.rank * data.batch_size
         rows = data.order(epoch).view(data.steps, data.global_batch)[:used, r0:r0 + data.batch_size]
         n = count(data.indices[rows.flatten().numpy()])
@@ -173,7 +182,7 @@ def fit(run: Run, train_one_epoch: Callable[[Run, int], Iterator[dict]], hooks: 
     of after_step(run, epoch), after_epoch(run, epoch) -- called before that step's or epoch's
     metrics line and checkpoint -- and at_end(run, result), which may add to the result."""
     cfg = run.cfg
-    bar = progress(cfg.epochs * run.steps_per_epoch, run.step, run.stage, enabled=cfg.progress and run.is_main)
+    bar = progress(run.total_steps, run.step, run.stage, enabled=cfg.progress and run.is_main)
     t_start, last_saved = time.time(), run.step
     for epoch in range(run.start_epoch, cfg.epochs):
         for record in train_one_epoch(run, epoch):

@@ -14,6 +14,10 @@ markdown table (bench/orl_fewshot.md).
 
 Seeds can run in parallel processes (one core each): give each a --tag (it then writes
 bench/orl_fewshot_<tag>.json) and combine them with `python bench/orl_fewshot.py --merge`.
+
+`--amp bf16` runs every stage under bf16 autocast (the precision rules of docs/precision.md hold)
+and `--methods` picks the rows; such runs merge only with runs of the same precision
+(`--merge --amp bf16` writes bench/orl_fewshot_bf16.md).
 """
 import argparse
 import glob
@@ -34,12 +38,14 @@ VARIANTS = {
 
 
 def one(seed, shot, args, out):
-    common = dict(seed=seed, progress=False, threads=args.threads)
+    common = dict(seed=seed, progress=False, threads=args.threads, amp=args.amp)
     sup_kw = dict(fewshot=shot, epochs=args.finetune_epochs, batch_size=args.batch_size, lr=1e-3, scale=8.0,
                   margin=0.1, weight_decay=0.05, mixup_prob=0.0)  # the pipeline's few-shot settings
     sup = finetune.run(finetune.FinetuneConfig(**common, **sup_kw, out_dir=f"{out}/scratch"))
     rows = {"scratch": sup["eval"]}
     for name, kw in VARIANTS.items():
+        if name not in args.methods:
+            continue
         extra = {"landmark_init": sup["checkpoint"]} if kw["landmarks"] == "cnn" else {}
         pre = pretrain.run(pretrain.PretrainConfig(
             **common, **kw, **extra, epochs=args.pretrain_epochs, batch_size=30, n_local=4, out_dim=1024,
@@ -81,11 +87,20 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out-dir", default="runs/orl_fewshot")
     ap.add_argument("--tag", default="", help="write bench/orl_fewshot_<tag>.json (parallel runs)")
+    ap.add_argument("--results-dir", default=None, help="folder of the .json / .md files (default: bench/)")
     ap.add_argument("--merge", action="store_true", help="combine bench/orl_fewshot*.json into the table")
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast of every stage")
+    ap.add_argument("--methods", default=",".join(VARIANTS),
+                    help="pretrained rows to run (scratch always runs: it is the landmark CNN's source)")
     args = ap.parse_args(argv)
-    here = os.path.dirname(os.path.abspath(__file__))
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(args.methods) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--methods: unknown {unknown} (choose from {', '.join(VARIANTS)})")
+    here = args.results_dir or os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(here, exist_ok=True)
     if args.merge:
-        return merge(here)
+        return merge(here, args.amp)
     results, floor = {}, raw_pixel_orl()
     name = f"orl_fewshot_{args.tag}" if args.tag else "orl_fewshot"
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -101,12 +116,15 @@ def main(argv=None):
     print(md)
 
 
-def merge(here):
-    """One table from every bench/orl_fewshot*.json (runs with the same budget only)."""
+def merge(here, amp="none"):
+    """One table from every bench/orl_fewshot*.json of precision `amp` (runs with the same budget
+    only)."""
     results, floor, budget = {}, None, None
     for path in sorted(glob.glob(os.path.join(here, "orl_fewshot*.json"))):
         with open(path) as f:
             run = json.load(f)
+        if run["args"].get("amp", "none") != amp:
+            continue
         b = {k: run["args"][k] for k in ("finetune_epochs", "pretrain_epochs", "batch_size")}
         if budget is not None and b != budget:
             raise SystemExit(f"{path}: budget {b} differs from {budget}: not mergeable")
@@ -115,7 +133,7 @@ def merge(here):
             m, k = key.rsplit("@", 1)
             results.setdefault((m, int(k)), []).extend(rows)
     md = table(results, floor)
-    with open(os.path.join(here, "orl_fewshot.md"), "w") as f:
+    with open(os.path.join(here, "orl_fewshot.md" if amp == "none" else f"orl_fewshot_{amp}.md"), "w") as f:
         f.write(md + "\n")
     print(md)
 

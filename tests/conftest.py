@@ -23,6 +23,15 @@ def require_optional(module: str):
         pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """The training commands set torch's CPU thread count (--threads): every test leaves it as it
+    found it, so that a test's speed or a thread-count check never depends on the one before."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_file(tmp_path_factory):
     """(path, model): a saved one-block part_fvit_tiny whose landmark CNN outputs spread (a fresh

@@ -39,9 +39,6 @@ def tiny_model(name, **kw):
 @pytest.fixture
 def tiny(monkeypatch):
     monkeypatch.setattr(finetune, "create_model", tiny_model)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(out_dir, **kw):

@@ -23,11 +23,7 @@ def config(out_dir, **kw):
 
 
 def run(cfg):
-    threads = torch.get_num_threads()
-    try:
-        return finetune.run(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    return finetune.run(cfg)
 
 
 def test_mid_epoch_resume_with_a_left_out_micro_batch_ends_where_the_straight_run_ends(tmp_path):

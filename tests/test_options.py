@@ -96,15 +96,8 @@ def test_the_margin_flag_and_its_default():
 
 
 # ----------------------------------------------------------------------------- --backend
-@pytest.fixture
-def threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("command", ["finetune", "pretrain"])
-def test_backend_reference_runs_every_training_command_on_the_reference_ops(command, tmp_path, monkeypatch, threads):
+def test_backend_reference_runs_every_training_command_on_the_reference_ops(command, tmp_path, monkeypatch):
     from lafs_fast import reference
     from lafs_fast.ops import patch_embed
     calls = []
@@ -130,7 +123,7 @@ def test_backend_reference_runs_every_training_command_on_the_reference_ops(comm
     assert "LAFS_FAST_BACKEND" not in os.environ  # set for the run only
 
 
-def test_backend_auto_does_not_use_the_reference_ops(tmp_path, monkeypatch, threads):
+def test_backend_auto_does_not_use_the_reference_ops(tmp_path, monkeypatch):
     from lafs_fast.ops import HAS_EXTENSION, patch_embed
     if not HAS_EXTENSION:
         pytest.skip("the compiled kernels are not built: auto is the reference ops here")

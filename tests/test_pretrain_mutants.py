@@ -24,11 +24,7 @@ def config(out_dir, **kw):
 
 
 def run(cfg):
-    threads = torch.get_num_threads()
-    try:
-        return pretrain.run(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    return pretrain.run(cfg)
 
 
 def metrics(out_dir, stage="pretrain"):

@@ -318,12 +318,10 @@ def test_pretrain_loop_hands_each_step_its_schedules_temperature_and_a_training_
     monkeypatch.setattr(dino.DINOLoss, "forward", loss)
     monkeypatch.setattr(pretrain.LafsPretrainer, "forward", forward)
     handle = register_optimizer_step_pre_hook(before_adamw)
-    threads = torch.get_num_threads()
     try:
         res = pretrain.run(cfg)
     finally:
         handle.remove()
-        torch.set_num_threads(threads)
     spe, total = 2, 8  # 48 synthetic faces / 24 per step, 4 epochs
     assert res["steps"] == total and len(seen["groups"]) == len(seen["momentum"]) == total
     lr = _dino_cosine(4e-3 * 24 / 256, 1e-4, 4, spe, warmup_epochs=2)

@@ -43,13 +43,6 @@ main(sys.argv[1:])
 """
 
 
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def step_losses(out_dir, stage):
     """Loss per step; a resumed run logs the steps it redoes again, and the later line wins."""
     by_step = {}
@@ -76,7 +69,7 @@ def flat(state, keys):
 
 
 @pytest.mark.parametrize("kind", ["finetune", "pretrain"])
-def test_sigkill_mid_save_then_resume_is_exact(kind, tmp_path, restore_threads):
+def test_sigkill_mid_save_then_resume_is_exact(kind, tmp_path):
     main = {"finetune": finetune.main, "pretrain": pretrain.main}[kind]
     args = [kind, *COMMON, *ARGS[kind]]
     straight = main([*args[1:], "--out-dir", str(tmp_path / "straight")])
@@ -108,7 +101,7 @@ def test_sigkill_mid_save_then_resume_is_exact(kind, tmp_path, restore_threads):
 
 
 @pytest.mark.slow  # 3 short runs (~7 s)
-def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp_path, restore_threads, capsys):
+def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp_path, capsys):
     """docs/training.md, "Exact resume": a different global batch is refused (the data order would not continue); a
     different world size continues the data order but restarts the per-rank streams, with a warning."""
     from lafs_fast.train.__main__ import main as cli_main
@@ -135,7 +128,7 @@ def test_resume_refuses_another_global_batch_and_warns_on_another_world_size(tmp
 
 
 @pytest.mark.parametrize("kind", ["finetune", "pretrain"])
-def test_resume_refuses_a_checkpoint_that_would_run_code(kind, tmp_path, restore_threads, capsys):
+def test_resume_refuses_a_checkpoint_that_would_run_code(kind, tmp_path, capsys):
     """A step-*.pt planted in the out-dir whose pickle calls a function (here: creates a file) is
     refused by --resume with one line naming it, and nothing of it runs."""
     from hostile import plant

@@ -38,13 +38,6 @@ def steps_logged(folder):
     return [line["step"] for line in lines if line.get("stage") == "finetune"]
 
 
-@pytest.fixture
-def threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_resume_with_nothing_to_resume_names_the_out_dir(tmp_path, capsys):
     out = tmp_path / "run"
     for folder_exists in (False, True):
@@ -57,7 +50,7 @@ def test_resume_with_nothing_to_resume_names_the_out_dir(tmp_path, capsys):
     assert files(out) == []  # nothing written
 
 
-def test_resume_auto_starts_fresh_then_resumes(tmp_path, capsys, threads):
+def test_resume_auto_starts_fresh_then_resumes(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run("--out-dir", out, "--resume", "auto", "--stop-after", "3", "--save-every", "3")["stopped"]
     assert f"--resume auto: no checkpoint in {out}, starting fresh" in capsys.readouterr().out
@@ -68,7 +61,7 @@ def test_resume_auto_starts_fresh_then_resumes(tmp_path, capsys, threads):
     assert steps_logged(out) == [*range(1, 13), 12]
 
 
-def test_a_used_out_dir_is_refused_and_left_as_it_was(tmp_path, capsys, threads):
+def test_a_used_out_dir_is_refused_and_left_as_it_was(tmp_path, capsys):
     out = str(tmp_path / "run")
     run("--out-dir", out, "--stop-after", "2", "--save-every", "2")
     before = {f: open(os.path.join(out, f), "rb").read() for f in files(out)}
@@ -80,7 +73,7 @@ def test_a_used_out_dir_is_refused_and_left_as_it_was(tmp_path, capsys, threads)
     assert {f: open(os.path.join(out, f), "rb").read() for f in files(out)} == before
 
 
-def test_overwrite_removes_the_old_runs_metrics_and_checkpoints_first(tmp_path, capsys, threads):
+def test_overwrite_removes_the_old_runs_metrics_and_checkpoints_first(tmp_path, capsys):
     out = str(tmp_path / "run")
     run("--out-dir", out, "--stop-after", "5", "--save-every", "1", "--keep-checkpoints", "10")
     open(os.path.join(out, ".tmp_step-00000009.pt.x"), "w").close()  # a save killed half-way
@@ -91,7 +84,7 @@ def test_overwrite_removes_the_old_runs_metrics_and_checkpoints_first(tmp_path, 
     assert steps_logged(out) == [1, 2]  # the new run's lines only (stopped: no summary line)
 
 
-def test_resume_auto_clears_a_run_that_saved_no_checkpoint(tmp_path, threads):
+def test_resume_auto_clears_a_run_that_saved_no_checkpoint(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"stage": "finetune", "step": 1, "loss": 9.0}\n' * 3)
@@ -145,7 +138,7 @@ def fail_on_call(n, fail, monkeypatch, target="save"):
     (raise_permission, "replace", "Permission denied"),
 ])
 def test_a_checkpoint_that_cannot_be_written_names_the_survivor_and_the_resume_command(
-        fail, target, reason, tmp_path, monkeypatch, capsys, threads):
+        fail, target, reason, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     straight = run("--out-dir", str(tmp_path / "straight"), "--save-every", "2")
     with monkeypatch.context() as m:
@@ -169,7 +162,7 @@ def test_a_checkpoint_that_cannot_be_written_names_the_survivor_and_the_resume_c
 
 
 def test_a_final_model_that_cannot_be_written_is_one_line_and_resume_finishes_the_run(
-        tmp_path, monkeypatch, capsys, threads):
+        tmp_path, monkeypatch, capsys):
     """Checkpoints at the two epoch ends are written (calls 1, 2), model.pt is not (call 3)."""
     out = str(tmp_path / "run")
     with monkeypatch.context() as m:
@@ -182,7 +175,7 @@ def test_a_final_model_that_cannot_be_written_is_one_line_and_resume_finishes_th
     assert run("--out-dir", out, "--resume")["steps"] == 12 and "model.pt" in files(out)
 
 
-def test_a_first_checkpoint_that_cannot_be_written_says_to_start_again(tmp_path, monkeypatch, capsys, threads):
+def test_a_first_checkpoint_that_cannot_be_written_says_to_start_again(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     fail_on_call(1, raise_enospc, monkeypatch)
     assert run("--out-dir", out, "--save-every", "2") == 1

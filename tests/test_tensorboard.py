@@ -100,19 +100,11 @@ def test_missing_tensorboard_is_one_line_naming_the_extra(tmp_path):
 
 
 # ----------------------------------------------------------------------------- in the training loop
-@pytest.fixture
-def threads():
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def jsonl_records(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_2_epoch_orl_finetune_with_tensorboard_writes_what_metrics_jsonl_holds(tmp_path, capsys, threads):
+def test_a_2_epoch_orl_finetune_with_tensorboard_writes_what_metrics_jsonl_holds(tmp_path, capsys):
     """--tensorboard: the run's scalars in OUT/tb, read back by TensorBoard's reader, equal to
     metrics.jsonl's; the epoch lines carry the corrupt-image count; plot draws the run."""
     from lafs_fast import plot
@@ -136,7 +128,7 @@ def test_a_2_epoch_orl_finetune_with_tensorboard_writes_what_metrics_jsonl_holds
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_pretrain_logs_weight_decay_and_teacher_temperature(tmp_path, threads):
+def test_pretrain_logs_weight_decay_and_teacher_temperature(tmp_path):
     from lafs_fast.dino import teacher_temp_schedule, weight_decay_schedule
     from lafs_fast.train.__main__ import main as train_main
     out = tmp_path / "run"
@@ -153,7 +145,7 @@ def test_pretrain_logs_weight_decay_and_teacher_temperature(tmp_path, threads):
     assert [v for _, v in got["pretrain/teacher_temp"]][:12] == pytest.approx([r["teacher_temp"] for r in steps])
 
 
-def test_the_corrupt_images_of_each_epoch_are_counted(tmp_path, threads, capsys):
+def test_the_corrupt_images_of_each_epoch_are_counted(tmp_path, capsys):
     """A folder with one undecodable image among 12: each epoch's line counts it (the second
     epoch passes it over for free, flagged by the first, and still counts it as missing), in
     metrics.jsonl and in the log."""

@@ -6,10 +6,12 @@ forward, in one run, interleaved round by round:
   float32   the same weights through lafs_fast.checkpoint.load_official, float32 eager;
   bf16      the same lafs_fast model under CPU bf16 autocast (python -m lafs_fast.embed --amp bf16);
   onnx      the same lafs_fast model exported by lafs_fast.export, run in onnxruntime;
+  compiled  with --compile: the same lafs_fast model with its transformer blocks compiled
+            (python -m lafs_fast.embed --compile; lafs_fast.models.compile), float32 and bf16;
 
 then a torch.profiler split of lafs_fast's float32 forward into GEMM time (mm / addmm / bmm /
-linear / matmul / SDPA's GEMMs), convolution time and the rest. Writes --out (markdown) and
---json.
+linear / matmul / SDPA's GEMMs), convolution time and the rest (with --compile, of the compiled
+float32 forward too; its fused kernels count as the rest). Writes --out (markdown) and --json.
 
     python bench/embed_throughput.py --release ../LAFS_CVPR2024           # part_fvit_b, 2 threads
     python bench/embed_throughput.py --release ../LAFS_CVPR2024 --threads 1 --clock cpu \
@@ -101,7 +103,17 @@ def onnx_session(model, tmp: str, threads: int):
     return lambda x: sess.run(["embedding"], {"image": x.numpy()})[0]
 
 
-def runners(release, lafs, onnx):
+def compiled_model(lafs):
+    """A copy of the lafs_fast model with its transformer blocks compiled (compiled at first use)."""
+    import copy
+
+    from lafs_fast.models.compile import compile_blocks
+    model = copy.deepcopy(lafs)
+    compile_blocks(model)
+    return model
+
+
+def runners(release, lafs, onnx, compiled=None):
     def eager(m, amp=None):
         def f(x):
             with torch.no_grad(), (torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()):
@@ -114,6 +126,20 @@ def runners(release, lafs, onnx):
     out["lafs_fast bf16 autocast"] = eager(lafs, "bf16")
     if onnx is not None:
         out["lafs_fast ONNX (onnxruntime)"] = onnx
+    if compiled is not None:
+        out["lafs_fast float32 compiled"] = eager(compiled)
+        out["lafs_fast bf16 compiled"] = eager(compiled, "bf16")
+    return out
+
+
+def compile_seconds(fns, x1, xb) -> dict:
+    """Wall seconds of the compiled runners' first calls (batch 1 and batch B: one compilation
+    each), before the timed rounds."""
+    out = {}
+    for name in [n for n in fns if n.endswith("compiled")]:
+        t = time.perf_counter()
+        fns[name](x1), fns[name](xb)
+        out[name] = time.perf_counter() - t
     return out
 
 
@@ -171,7 +197,12 @@ def profile_split(model, xb) -> dict:
             t = time.perf_counter()
             model(xb)
             wall = time.perf_counter() - t
-    rows = [(e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()]
+    fused = "inductor's fused kernels (compiled blocks)"
+    rows = {}
+    for e in prof.key_averages():
+        key = fused if e.key.startswith("## Call CompiledFxGraph") else e.key
+        rows[key] = rows.get(key, 0.0) + e.self_cpu_time_total / 1e3
+    rows = list(rows.items())
     kind = {"gemm": 0.0, "conv": 0.0, "other": 0.0}
     other = []
     for key, ms in rows:
@@ -188,7 +219,25 @@ def profile_split(model, xb) -> dict:
             "top_all": [(k, round(v, 1)) for k, v in sorted(rows, key=lambda kv: -kv[1])[:10]]}
 
 
-def markdown(args, res, agree, prof, notes, load) -> str:
+def command_line(args) -> str:
+    """This run's command, the release checkout's path written RELEASE."""
+    words = [w if not args.release or w != args.release else "RELEASE" for w in sys.argv[1:]]
+    return "python bench/embed_throughput.py " + " ".join(words)
+
+
+def profile_lines(title, prof) -> list:
+    g, c, o = prof["gemm_ms"], prof["conv_ms"], prof["other_ms"]
+    return ["", f"{title} (torch.profiler, self CPU time, one call, {prof['wall_ms']:.0f} ms wall):", "",
+            "| kind | ms | share |", "|---|---:|---:|",
+            f"| GEMMs (mm/addmm/bmm/linear, SDPA, the fused patch op) | {g:.0f} | {g / (g + c + o):.0%} |",
+            f"| convolutions (landmark CNN) | {c:.0f} | {c / (g + c + o):.0%} |",
+            f"| everything else | {o:.0f} | {o / (g + c + o):.0%} |", "",
+            f"Non-GEMM time / GEMM time: {(c + o) / g:.2f} (convolutions counted as non-GEMM), "
+            f"{o / g:.2f} (without them). Largest other ops: "
+            + ", ".join(f"{k} {v} ms" for k, v in prof["top_other"]) + "."]
+
+
+def markdown(args, res, agree, prof, notes, load, prof_compiled=None) -> str:
     base = res.get("release (float32)") or res["lafs_fast float32"]
     base_name = "release (float32)" if "release (float32)" in res else "lafs_fast float32"
     base_ips = statistics.median(base["images_per_s"])
@@ -197,7 +246,7 @@ def markdown(args, res, agree, prof, notes, load) -> str:
              f"{'AMX' if 'amx_bf16' in cpu_flags() else 'no AMX'}), {os.cpu_count()} cores, {args.threads} threads "
              f"(torch and onnxruntime); torch {torch.__version__}; load average {load[0]:.1f} -> {load[1]:.1f} "
              f"during the run.", "",
-             "Command:", "", f"    python bench/embed_throughput.py {' '.join(sys.argv[1:])}", "",
+             "Command:", "", f"    {command_line(args)}", "",
              f"Eval forward (landmark CNN + patches + ViT), 112x112 inputs, one weight set for all; {args.rounds} "
              f"interleaved rounds, each: batch-1 latency (median of {args.lat_reps} calls) and one batch-{args.batch} "
              f"call per path; medians over rounds, min-max in brackets; clock: "
@@ -211,16 +260,10 @@ def markdown(args, res, agree, prof, notes, load) -> str:
                      f"{statistics.median(ips):.2f} ({min(ips):.2f}-{max(ips):.2f}) | "
                      f"{statistics.median(ips) / base_ips:.2f}x | {1 - agree.get(n, float('nan')):.1e} |")
     if prof:
-        g, c, o = prof["gemm_ms"], prof["conv_ms"], prof["other_ms"]
-        lines += ["", f"Profile of lafs_fast's float32 forward at batch {args.batch} (torch.profiler, self CPU time, "
-                      f"one call, {prof['wall_ms']:.0f} ms wall):", "",
-                  "| kind | ms | share |", "|---|---:|---:|",
-                  f"| GEMMs (mm/addmm/bmm/linear, SDPA, the fused patch op) | {g:.0f} | {g / (g + c + o):.0%} |",
-                  f"| convolutions (landmark CNN) | {c:.0f} | {c / (g + c + o):.0%} |",
-                  f"| everything else | {o:.0f} | {o / (g + c + o):.0%} |", "",
-                  f"Non-GEMM time / GEMM time: {(c + o) / g:.2f} (convolutions counted as non-GEMM), "
-                  f"{o / g:.2f} (without them). Largest other ops: "
-                  + ", ".join(f"{k} {v} ms" for k, v in prof["top_other"]) + "."]
+        lines += profile_lines(f"Profile of lafs_fast's float32 forward at batch {args.batch}", prof)
+    if prof_compiled:
+        lines += profile_lines(f"Profile of lafs_fast's float32 forward with compiled blocks at batch {args.batch}",
+                               prof_compiled)
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]
     return "\n".join(lines) + "\n"
@@ -240,6 +283,9 @@ def main(argv=None) -> int:
                          "other processes' load)")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also the model with compiled transformer blocks (float32 and bf16; compiled before the "
+                         "timed rounds, its compilation time noted)")
     ap.add_argument("--out", default=os.path.join(HERE, "embed_throughput.md"))
     ap.add_argument("--json", default=os.path.join(HERE, "embed_throughput.json"))
     args = ap.parse_args(argv)
@@ -262,20 +308,26 @@ def main(argv=None) -> int:
                 onnx = onnx_session(lafs, tmp, args.threads)
             except Exception as e:  # noqa: BLE001  (onnx/onnxruntime missing: say so, time the rest)
                 notes.append(f"ONNX column skipped: {type(e).__name__}: {str(e)[:200]}")
-        fns = runners(release, lafs, onnx)
+        compiled = compiled_model(lafs) if args.compile else None
+        fns = runners(release, lafs, onnx, compiled)
+        compile_s = compile_seconds(fns, x1, xb)
+        notes += [f"{name}: compiled in {sec:.0f} s (wall, batch 1 and batch {args.batch}, before the rounds)"
+                  for name, sec in compile_s.items()]
         agree = agreement(fns, xb[:8])
         if release is not None and agree["release (float32)"] < 0.9999:
             notes.append(f"the release model and lafs_fast's disagree (cosine {agree['release (float32)']:.5f})")
         res = measure(fns, x1, xb, args.rounds, args.lat_reps, CLOCKS[args.clock])
         prof = None if args.no_profile else profile_split(lafs, xb)
+        prof_compiled = None if args.no_profile or compiled is None else profile_split(compiled, xb)
     load = (load0, os.getloadavg()[0])
-    md = markdown(args, res, agree, prof, notes, load)
+    md = markdown(args, res, agree, prof, notes, load, prof_compiled)
     with open(args.out, "w") as f:
         f.write(md)
     with open(args.json, "w") as f:
         json.dump({"cpu_model": cpu_model(), "threads": args.threads, "load": load, "args": vars(args),
-                   "command": "python bench/embed_throughput.py " + " ".join(sys.argv[1:]), "results": res,
-                   "cosine_vs_float32": agree, "profile": prof, "notes": notes}, f, indent=1)
+                   "command": command_line(args), "results": res,
+                   "cosine_vs_float32": agree, "profile": prof, "profile_compiled": prof_compiled,
+                   "compile_seconds": compile_s, "notes": notes}, f, indent=1)
     print(md)
     return 0
 

@@ -24,6 +24,12 @@ that has it (fp16 on older ones) and none on the CPU. Why none on the CPU: bf16 
 with native bf16 arithmetic (measured 1.7x on a Zen 4 with avx512_bf16, bench/embed_throughput*.md;
 emulated elsewhere, and slower), and what it does to a trained model's verification accuracy (the
 landmark CNN's convolutions run in bf16 too) is not measured yet; ask for it with --amp bf16.
+
+--compile compiles the transformer blocks with torch.compile (lafs_fast.models.compile): fused
+elementwise kernels between the GEMMs, a faster forward (docs/performance.md) after tens of
+seconds of compilation (once per process), so it pays on large inputs. Every batch then has the
+same shape (a short last batch is padded with blank images, whose rows are dropped), so there is
+one compilation; the features equal the eager ones up to float rounding.
 """
 from __future__ import annotations
 
@@ -194,7 +200,7 @@ def embed_uint8(model, images: torch.Tensor, flip: bool, amp: str = "none") -> t
 def run(checkpoint: str, out: str, images: str = "", list_file: str = "", recordio: str = "",
         bin_file: str = "", flip: bool = True, batch_size: int = 64, device: str = "auto",
         workers: int = 2, landmark_cnn: Optional[str] = None, progress: bool = True,
-        five_points: str = "", amp: str = "none") -> dict:
+        five_points: str = "", amp: str = "none", compile_model: bool = False) -> dict:
     given = [bool(images), bool(list_file), bool(recordio), bool(bin_file)]
     if sum(given) != 1:
         raise ValueError(f"give exactly one input: --images, --list, --recordio or --bin (got {sum(given)})")
@@ -208,6 +214,9 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
     amp = resolve_amp(amp, dev)
     from .convert import load_any_model
     model = load_any_model(checkpoint, landmark_cnn).to(dev).eval()
+    if compile_model:
+        from .models.compile import compile_blocks
+        compile_blocks(model)
     S = model.image_size
     if bin_file:
         names, decoded = bin_items(bin_file)
@@ -231,6 +240,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
                                              num_workers=workers, collate_fn=_collate)
         batches = iter(loader)
     N = len(names)
+    rows = min(batch_size, N) if compile_model else 0  # one input shape for the compiled blocks
     feats = np.full((N, model.dim), np.nan, dtype=np.float32)
     bad: dict[int, str] = {}
     done, t0 = 0, time.time()
@@ -243,7 +253,7 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
                 print(f"{chr(10) if tty else ''}unreadable, skipped: {names[i]}: {err}", file=sys.stderr)
         if good:
             x = torch.stack([img for _, img in good]).to(dev, non_blocking=True)
-            feats[[i for i, _ in good]] = embed_uint8(model, x, flip, amp).numpy()
+            feats[[i for i, _ in good]] = embed_uint8(model, _pad_rows(x, rows), flip, amp)[:len(good)].numpy()
         before, done = done, done + len(batch)
         # a rewritten line on a terminal; otherwise (logs) a line per tenth of the input
         if progress and (tty or done == N or done * 10 // N != before * 10 // N):
@@ -260,6 +270,13 @@ def run(checkpoint: str, out: str, images: str = "", list_file: str = "", record
             f.write(f"{n}\tok\n" if i not in bad else f"{n}\tbad\t{bad[i]}\n")
     return {"features": out + ".npy", "list": out + ".txt", "count": N, "unreadable": len(bad),
             "dim": model.dim, "seconds": time.time() - t0, "amp": amp}
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with blank (zero) images appended up to `rows` rows (each row is embedded on its own)."""
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
 
 
 class _Paths:
@@ -290,6 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--amp", default="none", choices=AMP_CHOICES,
                    help="none: float32 (as evaluation); bf16 / fp16: autocast; auto: bf16 on a CUDA GPU "
                         "(fp16 without bf16), none on the CPU")
+    config.add_bool_argument(p, "compile", False, "compile the transformer blocks (torch.compile): faster after "
+                                                   "tens of seconds of compilation; features equal up to rounding")
     config.add_bool_argument(p, "progress", True, "a progress line (rewritten on a terminal, every tenth in a log)")
     a = p.parse_args(argv)
     return cli.run(PROG, _main, a, plain=True)  # a bad input: one line, exit 2; a failed write: exit 1
@@ -297,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(a) -> None:
     r = run(a.checkpoint, a.out, a.images, a.list_file, a.recordio, a.bin_file, a.flip, a.batch_size,
-            a.device, a.workers, a.landmark_cnn, a.progress, a.five_points, a.amp)
+            a.device, a.workers, a.landmark_cnn, a.progress, a.five_points, a.amp, a.compile)
     print(f"{r['count']} items -> {r['features']} ({r['count']} x {r['dim']}), names in {r['list']}; "
           f"{r['count'] - r['unreadable']} embedded, {r['unreadable']} unreadable (NaN rows, marked 'bad' in the list)")
 

@@ -6,9 +6,13 @@ Why equality is bitwise: the compiled graph only routes tensors into the same C+
 ops are opaque to inductor), so compiled and eager run the same arithmetic. The compiled
 functions return the ops' outputs (no reductions around them) so that inductor has almost no
 kernels of its own to compile: a cold inductor compile costs seconds per C++ kernel on 2 cores.
+
+Then the compiled transformer blocks of `python -m lafs_fast.embed --compile`: state-dict keys
+unchanged, features equal to eager's up to the stated rounding, one compilation per run.
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,3 +147,60 @@ def test_dropout_module_compiles_in_a_model():
     kept = y != 0
     assert 0.4 < kept.float().mean() < 0.6
     torch.testing.assert_close(y[kept], 2 * x[kept])
+
+
+# ----------------------------------------------------------------------------- compiled blocks
+# `python -m lafs_fast.embed --compile` (lafs_fast.models.compile): the ViT blocks compiled in place.
+def test_compile_blocks_keeps_the_state_dict_and_compiles_once():
+    from lafs_fast.models import create_model
+    from lafs_fast.models.compile import compile_blocks
+    model = create_model("part_fvit_tiny", landmarks="grid")
+    keys = list(model.state_dict())
+    assert compile_blocks(model) == len(model.transformer.blocks) == 4  # nothing compiles before a call
+    assert list(model.state_dict()) == keys and not any("_orig_mod" in k for k in keys)
+    first = [b._compiled_call_impl for b in model.transformer.blocks]
+    assert all(f is not None for f in first)
+    compile_blocks(model)  # a block compiled already is left as it is
+    assert [b._compiled_call_impl for b in model.transformer.blocks] == first
+
+
+def _faces(folder, n):
+    from lafs_fast.data.image_folder import encode_image
+    folder.mkdir()
+    g = torch.Generator().manual_seed(8)
+    for i in range(n):
+        (folder / f"{i}.png").write_bytes(encode_image(torch.randint(0, 256, (3, 112, 112), generator=g,
+                                                                     dtype=torch.uint8), "png"))
+    return str(folder)
+
+
+# Features are L2-normalised (|f| <= 1). float32: the fused kernels sum LayerNorm's and softmax's
+# reductions in another order (measured 6e-7). bf16: eager rounds every op's output to bf16, the
+# fused loops keep float32 in between: within one bf16 step at 1 (2^-8 = 3.9e-3; measured 5.5e-4).
+@pytest.mark.parametrize("amp, atol", [("none", 1e-5), ("bf16", 2**-8)])
+def test_embed_compile_gives_the_eager_features_with_one_compilation(amp, atol, tmp_path, tiny_model_file):
+    from torch._dynamo.utils import counters
+
+    from lafs_fast import embed
+    path, _ = tiny_model_file
+    faces = _faces(tmp_path / "faces", 5)  # batch 4: the last batch is padded to 4 rows, then cut
+    opts = dict(images=faces, batch_size=4, workers=0, progress=False, device="cpu", amp=amp)
+    eager = embed.run(path, str(tmp_path / "eager"), **opts)
+    counters.clear()
+    compiled = embed.run(path, str(tmp_path / "compiled"), compile_model=True, **opts)
+    assert counters["stats"]["unique_graphs"] == 1  # one shape: 2 batches x (image, flipped)
+    want, got = np.load(eager["features"]), np.load(compiled["features"])
+    assert got.shape == want.shape == (5, 96) and np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+    apart = min(np.abs(want[i] - want[j]).max() for i in range(5) for j in range(i))
+    assert apart > 2 * atol  # any two faces differ by more than the tolerance: a row mix-up would fail
+
+
+def test_embed_compile_bad_value_is_a_one_line_error(tmp_path, tiny_model_file, capsys):
+    from lafs_fast import embed
+    path, _ = tiny_model_file
+    with pytest.raises(SystemExit) as e:
+        embed.main(["--checkpoint", path, "--images", str(tmp_path), "--compile", "maybe"])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("python -m lafs_fast.embed: error: ") and "expected a boolean" in err[0]

@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from tiny_models import dropout_free_model
 
 from lafs_fast.train import finetune
 from lafs_fast.train.run import fit
@@ -27,18 +27,9 @@ TINY = dict(dataset="synthetic", landmarks="grid", batch_size=B, epochs=E, accum
             keep_checkpoints=20)
 
 
-def tiny_model(name, **kw):
-    from lafs_fast.models import create_model
-    model = create_model(name, depth=1, dropout=0.0, emb_dropout=0.0, drop_path=0.0, **kw)
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    return model
-
-
 @pytest.fixture
 def tiny(monkeypatch):
-    monkeypatch.setattr(finetune, "create_model", tiny_model)
+    monkeypatch.setattr(finetune, "create_model", dropout_free_model)
 
 
 def config(out_dir, **kw):
@@ -368,7 +359,7 @@ def two_rank_worker(rank, world, port, root):
     from lafs_fast.train import distributed
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    finetune.create_model = tiny_model
+    finetune.create_model = dropout_free_model
     kw = dict(batch_size=4, epochs=2, accum_steps=4, partial_fc="on", dist_timeout=60, **RESUME)
     try:
         finetune.run(config(f"{root}/straight", **kw))

@@ -29,6 +29,7 @@ import time
 
 import pytest
 import torch
+from tiny_models import dropout_free_model
 from torch import nn
 
 from lafs_fast import views
@@ -40,16 +41,6 @@ RTOL, ATOL = 1e-4, 1e-5
 _make_views = views.make_lafs_views
 
 
-def _create(name, **kw):
-    """Depth-1 Part fViT without dropout / drop-path: their masks come from each rank's own
-    stream, equal to world 1's in distribution only."""
-    model = _create_model(name, depth=1, dropout=0.0, emb_dropout=0.0, drop_path=0.0, **kw)
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    return model
-
-
 def _fixed_views(x, cfg, generator=None, **kw):
     """Full-image views, no flips: pretraining views are drawn per rank (docs/training.md "Distributed
     training"), so this test takes their randomness out."""
@@ -59,8 +50,8 @@ def _fixed_views(x, cfg, generator=None, **kw):
 
 
 def patch(setattr_):
-    setattr_(finetune, "create_model", _create)
-    setattr_(pretrain, "create_model", _create)
+    setattr_(finetune, "create_model", dropout_free_model)
+    setattr_(pretrain, "create_model", dropout_free_model)
     setattr_(views, "make_lafs_views", _fixed_views)
 
 

@@ -22,16 +22,12 @@ def config(out_dir, **kw):
     return cfg
 
 
-def run(cfg):
-    return finetune.run(cfg)
-
-
 def test_mid_epoch_resume_with_a_left_out_micro_batch_ends_where_the_straight_run_ends(tmp_path):
     # 48 faces / 5 = 9 micro-batches, 2 per step: 4 steps an epoch, the 9th micro-batch left out
     kw = dict(batch_size=5, accum_steps=2, save_every=1)
-    straight = run(config(tmp_path / "a", **kw))
-    assert run(config(tmp_path / "b", stop_after=6, **kw))["stopped"]  # step 6 is mid epoch 1
-    resumed = run(config(tmp_path / "b", resume=True, **kw))
+    straight = finetune.run(config(tmp_path / "a", **kw))
+    assert finetune.run(config(tmp_path / "b", stop_after=6, **kw))["stopped"]  # step 6 is mid epoch 1
+    resumed = finetune.run(config(tmp_path / "b", resume=True, **kw))
     assert straight["steps"] == resumed["steps"] == 8
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")
              if json.loads(line).get("stage") == "finetune"]
@@ -123,7 +119,7 @@ def test_per_tensor_clip_mode_reaches_the_clipping(tmp_path):
 
 
 def test_the_release_sqrt_lr_rule_sets_the_peak(tmp_path):
-    run(config(tmp_path, lr=0.1, lr_rule="sqrt", epochs=1))
+    finetune.run(config(tmp_path, lr=0.1, lr_rule="sqrt", epochs=1))
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     first = [rec for rec in lines if rec.get("stage") == "finetune"][0]
     assert first["lr"] == pytest.approx(finetune.release_sqrt_lr(0.1, 8, 1))
@@ -163,7 +159,7 @@ def test_errors_say_what_is_wrong(tmp_path, monkeypatch):
 
 
 def test_partial_fc_in_one_process_trains_with_row_targets_and_mixup(tmp_path):
-    res = run(config(tmp_path, partial_fc="on", mixup_prob=1.0, epochs=1))
+    res = finetune.run(config(tmp_path, partial_fc="on", mixup_prob=1.0, epochs=1))
     assert res["steps"] == 6 and torch.isfinite(torch.tensor(res["final_loss"]))
 
 

@@ -16,6 +16,7 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import dropout_free_model
 from torch import nn
 
 from lafs_fast.models.heads import ArcFace, CosFace
@@ -251,16 +252,6 @@ def test_bad_labels_are_refused():
 FT_B = 8  # images per rank; 48 synthetic faces of 8 identities -> 3 steps of 16
 
 
-def _tiny(name, **kw):
-    """Depth-1 Part fViT without dropout (rank streams differ from world 1's in draws only)."""
-    from lafs_fast.models import create_model
-    model = create_model(name, depth=1, dropout=0.0, emb_dropout=0.0, drop_path=0.0, **kw)
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    return model
-
-
 def ft_config(out_dir, batch, **kw):
     from lafs_fast.train import finetune
     base = dict(dataset="synthetic", landmarks="grid", batch_size=batch, epochs=1, warmup_epochs=0.5, lr=5e-3,
@@ -278,7 +269,7 @@ def ft_worker(rank, world, port, root):
     from lafs_fast.train import finetune
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    finetune.create_model = _tiny
+    finetune.create_model = dropout_free_model
     try:
         finetune.run(ft_config(f"{root}/pfc", FT_B, partial_fc="on"))
         finetune.run(ft_config(f"{root}/pfc_resumed", FT_B, partial_fc="on", stop_after=1))
@@ -330,7 +321,7 @@ def finetune_runs(tmp_path_factory):
     from lafs_fast.train import finetune
     root = tmp_path_factory.mktemp("pfc_ft")
     saved = finetune.create_model, torch.get_num_threads()
-    finetune.create_model = _tiny
+    finetune.create_model = dropout_free_model
     try:
         finetune.run(ft_config(root / "replicated", 2 * FT_B, partial_fc="off"))
     finally:
@@ -372,7 +363,7 @@ def test_finetune_reshards_and_switches_head(finetune_runs, tmp_path, monkeypatc
     root = finetune_runs
     ref = _final(root / "replicated")
     _close_states(ref, _final(root / "from_replicated"))
-    monkeypatch.setattr(finetune, "create_model", _tiny)
+    monkeypatch.setattr(finetune, "create_model", dropout_free_model)
     threads = torch.get_num_threads()
     try:
         for mode in ("off", "on"):

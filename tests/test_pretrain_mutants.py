@@ -23,19 +23,15 @@ def config(out_dir, **kw):
     return cfg
 
 
-def run(cfg):
-    return pretrain.run(cfg)
-
-
 def metrics(out_dir, stage="pretrain"):
     lines = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
     return [r for r in lines if r.get("stage") == stage]
 
 
 def test_a_run_stopped_mid_epoch_and_resumed_ends_where_the_straight_run_ends(tmp_path):
-    straight = run(config(tmp_path / "a"))
-    run(config(tmp_path / "b", save_every=2, stop_after=8))  # 6 steps per epoch: stops in epoch 1
-    resumed = run(config(tmp_path / "b", resume=True))
+    straight = pretrain.run(config(tmp_path / "a"))
+    pretrain.run(config(tmp_path / "b", save_every=2, stop_after=8))  # 6 steps per epoch: stops in epoch 1
+    resumed = pretrain.run(config(tmp_path / "b", resume=True))
     assert straight["steps"] == resumed["steps"] == 12
     a = torch.load(straight["checkpoint"], weights_only=False)["model"]
     b = torch.load(resumed["checkpoint"], weights_only=False)["model"]
@@ -47,7 +43,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_where_the_straight_run_ends(tm
 
 
 def test_each_metrics_line_carries_its_steps_schedules(tmp_path):
-    run(config(tmp_path, lr=8e-3, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.99,
+    pretrain.run(config(tmp_path, lr=8e-3, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.99,
                warmup_teacher_temp=0.06, teacher_temp=0.05, warmup_teacher_temp_epochs=1))
     lines = metrics(tmp_path)
     assert [r["step"] for r in lines] == list(range(1, 13))

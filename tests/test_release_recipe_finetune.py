@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny_models import dropout_free_model
 from tolerances import AdamWDrift, assert_weights_within
 
 from lafs_fast import config as C
@@ -328,19 +329,10 @@ def _dist_config(out_dir, batch):
                                    device="cpu", fast_dropout=False)
 
 
-def _patched_create(name, **kw):
-    from lafs_fast.models import create_model
-    model = create_model(name, depth=1, dropout=0.0, emb_dropout=0.0, drop_path=0.0, **kw)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    return model
-
-
 def _dist_worker(rank, port, root):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    finetune.create_model = _patched_create
+    finetune.create_model = dropout_free_model
     from lafs_fast.train import distributed
     try:
         finetune.run(_dist_config(f"{root}/w2", 4))
@@ -364,7 +356,7 @@ def test_two_ranks_accumulating_with_the_release_augmentation_train_like_one(tmp
     for p in procs:
         p.join(300)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    monkeypatch.setattr(finetune, "create_model", _patched_create)
+    monkeypatch.setattr(finetune, "create_model", dropout_free_model)
     threads = torch.get_num_threads()
     try:
         ref = finetune.run(_dist_config(tmp_path / "w1", 8))
@@ -382,5 +374,5 @@ def test_two_ranks_accumulating_with_the_release_augmentation_train_like_one(tmp
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     torch.manual_seed(0)  # the runs' start (setup_run seeds with --seed 0, then builds the model)
-    start = _patched_create("part_fvit_tiny", landmarks="grid").state_dict()
+    start = dropout_free_model("part_fvit_tiny", landmarks="grid").state_dict()
     assert max((a[k] - start[k]).abs().max().item() for k in a if a[k].is_floating_point()) > 1e-3  # it trained

@@ -5,8 +5,11 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import Tensor, nn
+
+from ..ops.dropout import CounterDropout
+from ..ops.gelu_dropout import gelu_dropout
 
 
 def attention_scale(scale: Union[str, float], dim: int, dim_head: int) -> float:
@@ -56,6 +59,31 @@ class Attention(nn.Module):
         return self.proj_drop(self.to_out(out))
 
 
+class Mlp(nn.Module):
+    """Linear, GELU (erf), Dropout, Linear, Dropout: the release's FeedForward, with timm Mlp's
+    names (fc1, act, drop1, fc2, drop2; the same state-dict keys). When drop1 is a CounterDropout
+    that drops this call (training, CPU), GELU and the dropout run as one op,
+    lafs_fast.ops.gelu_dropout: the same mask and seed draw as the two modules, one pass."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        drop = self.drop1
+        if (isinstance(drop, CounterDropout) and drop.uses_kernel(h) and type(self.act) is nn.GELU
+                and self.act.approximate == "none"):
+            h = gelu_dropout(h, drop.p, drop.draw_seed())
+        else:
+            h = drop(self.act(h))
+        return self.drop2(self.fc2(h))
+
+
 class Block(nn.Module):
     """x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
@@ -67,8 +95,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, dim_head, dropout, attn_dropout, attn_scale)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        # timm Mlp = Linear, GELU (erf), Dropout, Linear, Dropout: the release's FeedForward.
-        self.mlp = Mlp(dim, mlp_dim, act_layer=nn.GELU, drop=dropout)
+        self.mlp = Mlp(dim, mlp_dim, dropout)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -11,7 +11,9 @@ forward, in one run, interleaved round by round:
 
 then a torch.profiler split of lafs_fast's float32 forward into GEMM time (mm / addmm / bmm /
 linear / matmul / SDPA's GEMMs), convolution time and the rest (with --compile, of the compiled
-float32 forward too; its fused kernels count as the rest). Writes --out (markdown) and --json.
+float32 forward too; its fused kernels count as the rest), the same for the bf16 forward
+(compiled with --compile), the GEMMs' rate in each, and the library's GEMM rate alone at the
+forward's widest shape (bench/gemm_peak.py). Writes --out (markdown) and --json.
 
     python bench/embed_throughput.py --release ../LAFS_CVPR2024           # part_fvit_b, 2 threads
     python bench/embed_throughput.py --release ../LAFS_CVPR2024 --threads 1 --clock cpu \
@@ -39,6 +41,9 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from gemm_peak import gemm_peak, profiled_gemm_rate  # noqa: E402
+
 # part_fvit_b (lafs_fast.models.registry), the release's supervised backbone size
 SIZES = {"part_fvit_b": dict(dim=768, depth=12, heads=11, mlp_dim=2048),
          "part_fvit_mini": dict(dim=192, depth=4, heads=3, mlp_dim=768)}
@@ -187,16 +192,20 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matm
 CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d")
 
 
-def profile_split(model, xb) -> dict:
-    """Self CPU time of lafs_fast's float32 forward by kind: GEMMs (with SDPA and the fused patch
-    op, whose time is its GEMM), convolutions (the landmark CNN), everything else (top ops)."""
+def profile_split(model, xb, amp=None) -> dict:
+    """Self CPU time of lafs_fast's forward (float32, or under bf16 autocast) by kind: GEMMs (with
+    SDPA and the fused patch op, whose time is its GEMM), convolutions (the landmark CNN),
+    everything else (top ops); and the rate of the GEMMs the profiler counts FLOPs for (mm, addmm,
+    bmm: not SDPA, not the patch op)."""
     from torch.profiler import ProfilerActivity, profile
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
         model(xb)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
             t = time.perf_counter()
             model(xb)
             wall = time.perf_counter() - t
+    gemm_gflop, gemm_ms, gemm_rate = profiled_gemm_rate(prof.key_averages())
     fused = "inductor's fused kernels (compiled blocks)"
     rows = {}
     for e in prof.key_averages():
@@ -215,6 +224,8 @@ def profile_split(model, xb) -> dict:
             other.append((key, ms))
     other.sort(key=lambda kv: -kv[1])
     return {"wall_ms": wall * 1e3, "gemm_ms": kind["gemm"], "conv_ms": kind["conv"], "other_ms": kind["other"],
+            "counted_gemm_gflop": round(gemm_gflop, 1), "counted_gemm_ms": round(gemm_ms, 1),
+            "counted_gemm_gflops_per_s": round(gemm_rate, 1),
             "top_other": [(k, round(v, 1)) for k, v in other[:8]],
             "top_all": [(k, round(v, 1)) for k, v in sorted(rows, key=lambda kv: -kv[1])[:10]]}
 
@@ -234,10 +245,13 @@ def profile_lines(title, prof) -> list:
             f"| everything else | {o:.0f} | {o / (g + c + o):.0%} |", "",
             f"Non-GEMM time / GEMM time: {(c + o) / g:.2f} (convolutions counted as non-GEMM), "
             f"{o / g:.2f} (without them). Largest other ops: "
-            + ", ".join(f"{k} {v} ms" for k, v in prof["top_other"]) + "."]
+            + ", ".join(f"{k} {v} ms" for k, v in prof["top_other"]) + ".",
+            "", f"GEMM rate (mm, addmm, bmm: the profiler's FLOP counts over their self time): "
+            f"{prof['counted_gemm_gflop']:.0f} GFLOP in {prof['counted_gemm_ms']:.0f} ms, "
+            f"**{prof['counted_gemm_gflops_per_s']:.0f} GFLOP/s**."]
 
 
-def markdown(args, res, agree, prof, notes, load, prof_compiled=None) -> str:
+def markdown(args, res, agree, prof, notes, load, prof_compiled=None, prof_bf16=None, peaks=None) -> str:
     base = res.get("release (float32)") or res["lafs_fast float32"]
     base_name = "release (float32)" if "release (float32)" in res else "lafs_fast float32"
     base_ips = statistics.median(base["images_per_s"])
@@ -264,6 +278,13 @@ def markdown(args, res, agree, prof, notes, load, prof_compiled=None) -> str:
     if prof_compiled:
         lines += profile_lines(f"Profile of lafs_fast's float32 forward with compiled blocks at batch {args.batch}",
                                prof_compiled)
+    if prof_bf16:
+        lines += profile_lines(f"Profile of lafs_fast's bf16 forward{' with compiled blocks' if args.compile else ''} "
+                               f"at batch {args.batch}", prof_bf16)
+    if peaks:
+        lines += ["", "The same library's GEMM alone at the forward's widest shape "
+                  f"({peaks['shape']}, best of 3, CPU time): "
+                  + ", ".join(f"{k} **{v:.0f} GFLOP/s**" for k, v in peaks.items() if k != "shape") + "."]
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]
     return "\n".join(lines) + "\n"
@@ -319,14 +340,21 @@ def main(argv=None) -> int:
         res = measure(fns, x1, xb, args.rounds, args.lat_reps, CLOCKS[args.clock])
         prof = None if args.no_profile else profile_split(lafs, xb)
         prof_compiled = None if args.no_profile or compiled is None else profile_split(compiled, xb)
+        prof_bf16 = None if args.no_profile else profile_split(compiled or lafs, xb, amp="bf16")
+    peaks = None
+    if not args.no_profile:  # the MLP's first GEMM: batch x 197 tokens, dim -> mlp_dim
+        m, k, n = args.batch * 197, size["dim"], size["mlp_dim"]
+        peaks = {"shape": f"{m} x {k} @ {k} x {n}",
+                 **{str(dt).split(".")[1]: gemm_peak(dt, m, k, n) for dt in (torch.float32, torch.bfloat16)}}
     load = (load0, os.getloadavg()[0])
-    md = markdown(args, res, agree, prof, notes, load, prof_compiled)
+    md = markdown(args, res, agree, prof, notes, load, prof_compiled, prof_bf16, peaks)
     with open(args.out, "w") as f:
         f.write(md)
     with open(args.json, "w") as f:
         json.dump({"cpu_model": cpu_model(), "threads": args.threads, "load": load, "args": vars(args),
                    "command": command_line(args), "results": res,
                    "cosine_vs_float32": agree, "profile": prof, "profile_compiled": prof_compiled,
+                   "profile_bf16": prof_bf16, "gemm_peak_gflops_per_s": peaks,
                    "compile_seconds": compile_s, "notes": notes}, f, indent=1)
     print(md)
     return 0

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_paths as SP  # noqa: E402
+from gemm_peak import gemm_peak, profiled_gemm_rate  # noqa: E402
 
 
 def amp_ctx(device, amp):
@@ -127,10 +128,16 @@ def time_step(path, with_data, clock="wall"):
     return dt
 
 
+CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_overrideable", "aten::cudnn_convolution")
+
+
 def profile_table(path, with_data=False, rows=20):
+    """The op table of two profiled steps (per step), then the GEMMs' and convolutions' rates:
+    the profiler's FLOP counts (GEMMs: their own events; convolutions: aten::conv2d's) over the
+    kernels' self time."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if path.device == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_flops=True) as prof:
         for _ in range(2):
             path.step(with_data)
         sync(path.device)
@@ -142,6 +149,18 @@ def profile_table(path, with_data=False, rows=20):
     for e in ev[:rows]:
         lines.append(f"| `{e.key}` | {t_of(e) / 2e3:.1f} | {100 * t_of(e) / max(total, 1):.1f}% | {e.count // 2} |")
     lines.append(f"| total (self time of all ops) | {total / 2e3:.1f} | 100% | |")
+    rates = []
+    gflop, ms, rate = profiled_gemm_rate(ev)
+    if gflop and cpu:
+        rates.append(f"GEMMs (mm, addmm, bmm): {gflop / 2:.1f} GFLOP per step in {ms / 2:.0f} ms, "
+                     f"**{rate:.0f} GFLOP/s**")
+    conv_us = sum(t_of(e) for e in ev if e.key in CONV_OPS)
+    conv_flops = sum(e.flops for e in ev if e.key == "aten::conv2d")
+    if conv_us and conv_flops:
+        rates.append(f"convolutions: {conv_flops / 2e9:.1f} GFLOP per step in {conv_us / 2e3:.0f} ms, "
+                     f"**{conv_flops / conv_us / 1e3:.0f} GFLOP/s**")
+    if rates:
+        lines += ["", "Rates (profiler FLOP counts over self time): " + "; ".join(rates) + "."]
     return "\n".join(lines)
 
 
@@ -321,6 +340,12 @@ def main(argv=None):
         if match:
             md += ["", f"Where the {name} step (model only) spends its time (torch.profiler, self time):", "",
                    profile_table(match[0])]
+    if prof:
+        # the step's widest GEMM: the global views' MLP, 32 x 197 tokens, 192 -> 768
+        peaks = {str(dt).split(".")[1]: gemm_peak(dt, 6304, 192, 768, args.device)
+                 for dt in (torch.float32, torch.bfloat16)}
+        md += ["", "The same library's GEMM alone at the step's widest shape (6304 x 192 @ 192 x 768, best of 3): " +
+               ", ".join(f"{k} **{v:.0f} GFLOP/s**" for k, v in peaks.items()) + "."]
     text = "\n".join(md) + "\n"
     print(text)
     with open(args.out, "w") as f:

@@ -176,6 +176,28 @@ def test_compile_blocks_keeps_the_state_dict_and_compiles_once():
     assert [b._compiled_call_impl for b in model.transformer.blocks] == first
 
 
+def test_compiled_blocks_add_biases_outside_the_gemm():
+    """Under torch.compile the block's biased Linears trace as matmul + bias (vit.linear), the
+    bias left to inductor's elementwise loops: no F.linear (whose addmm copies the bias into its
+    output first); eager keeps F.linear. Same values either way."""
+    from lafs_fast.models.vit import Block
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch.manual_seed(0)
+    block = Block(dim=16, heads=2, dim_head=8, mlp_dim=24).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        got, want = torch.compile(block, backend=capture, fullgraph=True)(x), block(x)
+    calls = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert torch.nn.functional.linear in calls            # to_qkv: no bias
+    assert calls.count(torch.nn.functional.linear) == 1 and calls.count(torch.matmul) == 3
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def _faces(folder, n):
     from lafs_fast.data.image_folder import encode_image
     folder.mkdir()

@@ -23,6 +23,17 @@ def attention_scale(scale: Union[str, float], dim: int, dim_head: int) -> float:
     raise ValueError(f"attn_scale must be 'dim', 'dim_head' or a positive float, got {scale!r}")
 
 
+def linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x). Under torch.compile the GEMM runs without its bias and the bias is added as
+    elementwise work, which inductor fuses into the loop that follows (GELU, the residual add):
+    addmm would first copy the bias into its whole output, ~4 % of the float32 eval forward's
+    GEMM time (bench/embed_throughput_cpu1.md)."""
+    if layer.bias is None or not torch.compiler.is_compiling():
+        return layer(x)
+    out = torch.matmul(x, layer.weight.t())   # under autocast: bf16, as layer(x) would be
+    return out + layer.bias.to(out.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with inner width heads * dim_head (704 != 768 in the release).
     qkv is one bias-free Linear laid out [q | k | v], each (heads, dim_head), as released."""
@@ -56,7 +67,7 @@ class Attention(nn.Module):
             attn = F.dropout((q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1), p)
             out = attn @ v
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
-        return self.proj_drop(self.to_out(out))
+        return self.proj_drop(linear(self.to_out, out))
 
 
 class Mlp(nn.Module):
@@ -74,14 +85,14 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
+        h = linear(self.fc1, x)
         drop = self.drop1
         if (isinstance(drop, CounterDropout) and drop.uses_kernel(h) and type(self.act) is nn.GELU
                 and self.act.approximate == "none"):
             h = gelu_dropout(h, drop.p, drop.draw_seed())
         else:
             h = drop(self.act(h))
-        return self.drop2(self.fc2(h))
+        return self.drop2(linear(self.fc2, h))
 
 
 class Block(nn.Module):

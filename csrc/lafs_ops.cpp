@@ -37,11 +37,6 @@ TORCH_LIBRARY(lafs_fast, m) {
   // x * keep / (1 - p) with keep a hash of (seed, flat index): the backward is the same op on
   // grad_out.
   m.def("counter_dropout(Tensor x, float p, int seed) -> Tensor");
-  // ---- GELU + counter-based dropout in one pass (lafs_fast/ops/gelu_dropout.py; kernel
-  // cpu/gelu_dropout_cpu.cpp): counter_dropout(gelu(x), p, seed), the same mask; the backward
-  // recomputes the mask and gelu'(x) from x.
-  m.def("gelu_dropout(Tensor x, float p, int seed) -> Tensor");
-  m.def("gelu_dropout_backward(Tensor grad, Tensor x, float p, int seed) -> Tensor");
   // ---- photometric augmentation (lafs_fast/ops/photometric.py; kernel cpu/photometric_cpu.cpp)
   // LAFS photometric augmentation of views x (N, 3, H, W) in [-1, 1] with already-drawn
   // per-sample parameters (ops/photometric.py::draw_photometric_params draws them; semantics:

@@ -111,16 +111,6 @@ def dropout(x: Tensor, p: float, seed: int) -> Tensor:
     return (x.to(acc) * factor).to(x.dtype)
 
 
-def gelu_dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    """The oracle of torch.ops.lafs_fast.gelu_dropout: dropout(gelu(x)) with erf GELU and the
-    counter-based mask, computed in float64 for float64 inputs and float32 otherwise and rounded
-    once to x's dtype."""
-    keep = dropout_keep_mask(x.numel(), p, seed, x.device).view(x.shape)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    factor = torch.where(keep, torch.tensor(1.0 / (1.0 - p), dtype=acc), torch.tensor(0.0, dtype=acc))
-    return (torch.nn.functional.gelu(x.to(acc)) * factor).to(x.dtype)
-
-
 def compute_dtype(images: Tensor) -> torch.dtype:
     return torch.float64 if images.dtype == torch.float64 else torch.float32
 

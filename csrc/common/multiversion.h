@@ -25,19 +25,10 @@
 #define LAFS_TARGET_AVX512                                                                  \
   __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512"), \
                  optimize("fp-contract=off")))
-// The same targets with fused multiply-add contraction on, for kernels whose oracle is a
-// tolerance rather than bitwise equality (polynomial approximations: cpu/gelu_dropout_cpu.cpp);
-// there the paths differ in the last bits of float32 rounding.
-#define LAFS_TARGET_AVX2_FMA __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
-#define LAFS_TARGET_AVX512_FMA                                                                  \
-  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512"), \
-                 optimize("fp-contract=fast")))
 #else
 #define LAFS_X86_MULTIVERSION 0
 #define LAFS_TARGET_AVX2
 #define LAFS_TARGET_AVX512
-#define LAFS_TARGET_AVX2_FMA
-#define LAFS_TARGET_AVX512_FMA
 #endif
 
 // Helpers called from a multiversioned loop are force-inlined: an out-of-line copy would be
@@ -71,7 +62,7 @@ decltype(auto) with_cpu_isa(F&& f) {
 
 }  // namespace lafs_fast
 
-// LAFS_ISA_WRAPPERS defines NAME(IsaTag, args...): three overloads (avx512, avx2, baseline) that forward args to
+// Defines NAME(IsaTag, args...): three overloads (avx512, avx2, baseline) that forward args to
 // the LAFS_INLINE function (template) BODY, each compiled for its tag's target. BODY's template
 // arguments must be deducible from args (pass compile-time values as std::integral_constant).
 #define LAFS_ISA_WRAPPERS(NAME, BODY)                                   \
@@ -81,21 +72,6 @@ decltype(auto) with_cpu_isa(F&& f) {
   }                                                                     \
   template <typename... A>                                              \
   LAFS_TARGET_AVX2 void NAME(::lafs_fast::IsaTag<::lafs_fast::CpuIsa::kAvx2>, A&&... a) { \
-    BODY(static_cast<A&&>(a)...);                                       \
-  }                                                                     \
-  template <typename... A>                                              \
-  void NAME(::lafs_fast::IsaTag<::lafs_fast::CpuIsa::kBaseline>, A&&... a) { \
-    BODY(static_cast<A&&>(a)...);                                       \
-  }
-
-// As LAFS_ISA_WRAPPERS, with a*b+c contracted into FMAs on the avx512 and avx2 paths.
-#define LAFS_ISA_WRAPPERS_FMA(NAME, BODY)                               \
-  template <typename... A>                                              \
-  LAFS_TARGET_AVX512_FMA void NAME(::lafs_fast::IsaTag<::lafs_fast::CpuIsa::kAvx512>, A&&... a) { \
-    BODY(static_cast<A&&>(a)...);                                       \
-  }                                                                     \
-  template <typename... A>                                              \
-  LAFS_TARGET_AVX2_FMA void NAME(::lafs_fast::IsaTag<::lafs_fast::CpuIsa::kAvx2>, A&&... a) { \
     BODY(static_cast<A&&>(a)...);                                       \
   }                                                                     \
   template <typename... A>                                              \

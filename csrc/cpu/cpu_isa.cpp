@@ -32,7 +32,7 @@ CpuIsa best_supported() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     return CpuIsa::kAvx512;
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::kAvx2;  // every AVX2 CPU has FMA3
+  if (__builtin_cpu_supports("avx2")) return CpuIsa::kAvx2;
 #endif
   return CpuIsa::kBaseline;
 }

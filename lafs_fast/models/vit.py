@@ -8,9 +8,6 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ..ops.dropout import CounterDropout
-from ..ops.gelu_dropout import gelu_dropout
-
 
 def attention_scale(scale: Union[str, float], dim: int, dim_head: int) -> float:
     """"dim" -> dim ** -0.5 (the release: 768 ** -0.5), "dim_head" -> dim_head ** -0.5 (standard)."""
@@ -72,9 +69,8 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """Linear, GELU (erf), Dropout, Linear, Dropout: the release's FeedForward, with timm Mlp's
-    names (fc1, act, drop1, fc2, drop2; the same state-dict keys). When drop1 is a CounterDropout
-    that drops this call (training, CPU), GELU and the dropout run as one op,
-    lafs_fast.ops.gelu_dropout: the same mask and seed draw as the two modules, one pass."""
+    names (fc1, act, drop1, fc2, drop2; the same state-dict keys), its Linears through `linear`
+    (the biases fused by inductor when the block is compiled)."""
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
@@ -85,13 +81,7 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = linear(self.fc1, x)
-        drop = self.drop1
-        if (isinstance(drop, CounterDropout) and drop.uses_kernel(h) and type(self.act) is nn.GELU
-                and self.act.approximate == "none"):
-            h = gelu_dropout(h, drop.p, drop.draw_seed())
-        else:
-            h = drop(self.act(h))
+        h = self.drop1(self.act(linear(self.fc1, x)))
         return self.drop2(linear(self.fc2, h))
 
 

@@ -81,24 +81,15 @@ class CounterDropout(nn.Module):
         _check_p(p)
         self.p = p
 
-    def uses_kernel(self, x: Tensor) -> bool:
-        """Whether forward(x) drops with the counter-based mask (training, p > 0, a CPU tensor,
-        eager): the condition under which the MLP may fuse it with GELU (ops.gelu_dropout)."""
-        return self.training and self.p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-    @staticmethod
-    def draw_seed() -> int:
-        """The seed of one call, from torch's default CPU generator."""
-        return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if not self.uses_kernel(x):
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             # CUDA: torch's fused kernel. Under torch.compile the seed below would be a
             # data-dependent int (fullgraph fails); inductor generates its own dropout code.
             return nn.functional.dropout(x, self.p, True)
-        return counter_dropout(x, self.p, self.draw_seed())
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        return counter_dropout(x, self.p, seed)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

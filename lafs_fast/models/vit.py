@@ -1,4 +1,5 @@
-"""Transformer pieces of Part fViT: attention (inner width may differ from dim), pre-LN blocks."""
+"""Transformer pieces of Part fViT: attention (inner width may differ from dim), the MLP, pre-LN
+blocks."""
 from __future__ import annotations
 
 from typing import Union

@@ -205,10 +205,11 @@ def profile_split(model, xb, amp=None) -> dict:
             t = time.perf_counter()
             model(xb)
             wall = time.perf_counter() - t
-    gemm_gflop, gemm_ms, gemm_rate = profiled_gemm_rate(prof.key_averages())
+    events = prof.key_averages()
+    gemm_gflop, gemm_ms, gemm_rate = profiled_gemm_rate(events)
     fused = "inductor's fused kernels (compiled blocks)"
     rows = {}
-    for e in prof.key_averages():
+    for e in events:
         key = fused if e.key.startswith("## Call CompiledFxGraph") else e.key
         rows[key] = rows.get(key, 0.0) + e.self_cpu_time_total / 1e3
     rows = list(rows.items())
